@@ -1,0 +1,360 @@
+"""The asyncio shell around ``proxy.session.Session``: sockets, TLS, timers.
+
+What this module owns: the listening socket, one ``ClientConnection`` per
+client and its ``BackendConnection`` to the local PostgreSQL server, the
+cancel-key registry, and graceful shutdown. All protocol decisions are the
+session core's; this file moves bytes and carries out effects.
+
+Rules kept here:
+- One backend connection per client session, opened after the client's
+  StartupMessage arrives.
+- Backpressure: each transport has a write-buffer bound
+  (``[limits] write_buffer_high_bytes``). When the buffer towards one side
+  is above it, the proxy stops reading from the other side until it drains
+  below ``write_buffer_low_bytes``. So a slow client or backend never makes
+  the proxy buffer without bound; the cost is that the fast side waits.
+- The hot path (``data_received``) does one core call and at most one write.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import secrets
+import socket
+import ssl
+import time
+from typing import Callable
+
+from config import NodeConfig
+
+from . import log as mlog
+from . import wire
+from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey, SendClient,
+                      SendServer, Session, StartTLS)
+
+TOO_MANY_CONNECTIONS = "53300"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one: every session holds
+    two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class ProxyServer:
+    """Accepts clients on ``[node] listen`` and relays them to PostgreSQL."""
+
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.log = mlog.get().bind(node_id=cfg.node.id)
+        self.sessions: set[ClientConnection] = set()
+        # (backend pid, proxy secret) -> backend secret
+        self.cancel_keys: dict[tuple[int, int], int] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        if cfg.tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            self.ssl_context = ctx
+        self._server: asyncio.AbstractServer | None = None
+        self._closed = asyncio.Event()
+        self.next_session_id = 1
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        from config import parse_address
+        host, port = parse_address(self.cfg.node.listen)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.log.info("listening", address=host, port=self.port,
+                      postgres=self.cfg.postgres.where(), tls=self.ssl_context is not None)
+
+    async def open_backend(self, factory: Callable[[], asyncio.Protocol]):
+        pg = self.cfg.postgres
+        loop = asyncio.get_running_loop()
+        timeout = pg.connect_timeout_ms / 1000
+        if pg.is_unix_socket:
+            coro = loop.create_unix_connection(factory, pg.socket_path)
+        else:
+            coro = loop.create_connection(factory, pg.host, pg.port)
+        return await asyncio.wait_for(coro, timeout)
+
+    async def send_cancel(self, pid: int, secret: int) -> None:
+        backend_secret = self.cancel_keys.get((pid, secret))
+        if backend_secret is None:
+            self.log.info("cancel_request_ignored", backend_pid=pid,
+                          reason="no session holds this key")
+            return
+        try:
+            transport, _ = await self.open_backend(asyncio.Protocol)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.log.error("cancel_request_failed", backend_pid=pid, error=str(e))
+            return
+        transport.write(wire.CancelRequest(pid, backend_secret).encode())
+        transport.close()
+        self.log.info("cancel_request_forwarded", backend_pid=pid)
+
+    async def shutdown(self, grace_ms: int | None = None) -> None:
+        """Stop accepting; end idle sessions at once and busy ones at their
+        next idle point; after the grace period end the rest with 57P01."""
+        grace_ms = self.cfg.timeouts.shutdown_grace_ms if grace_ms is None else grace_ms
+        if self._server is not None:
+            self._server.close()
+        self.log.info("shutdown_started", sessions=len(self.sessions), grace_ms=grace_ms)
+        for conn in list(self.sessions):
+            conn.core.request_shutdown()
+            conn.run_effects()
+        deadline = time.monotonic() + grace_ms / 1000
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.sessions:
+            self.log.warning("shutdown_grace_expired", sessions=len(self.sessions))
+        for conn in list(self.sessions):
+            conn.core.terminate_now()
+            conn.run_effects()
+        # Let transports flush their last bytes (the 57P01 messages).
+        for _ in range(40):
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.025)
+        self._closed.set()
+        self.log.info("shutdown_complete")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client side of one session; owns the session core."""
+
+    __slots__ = ("server", "core", "transport", "backend", "sid", "peer", "opened",
+                 "bytes_from_client", "bytes_to_client", "closed", "_paused_backend",
+                 "cancel_key", "log")
+
+    def __init__(self, server: ProxyServer):
+        self.server = server
+        self.core = Session(tls_available=server.ssl_context is not None,
+                            proxy_secret=secrets.randbits(31))
+        self.transport: asyncio.Transport | None = None
+        self.backend: BackendConnection | None = None
+        self.sid = server.next_session_id
+        server.next_session_id += 1
+        self.peer = None
+        self.opened = time.monotonic()
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self.closed = False
+        self.cancel_key: tuple[int, int] | None = None
+        self.log = server.log
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        limits = self.server.cfg.limits
+        transport.set_write_buffer_limits(limits.write_buffer_high_bytes,
+                                          limits.write_buffer_low_bytes)
+        if len(self.server.sessions) >= limits.max_client_connections:
+            transport.write(wire.error_response(
+                TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL",
+                hint="Raise [limits] max_client_connections in the mmproxy configuration."))
+            self.log.warning("connection_refused", peer=self.peer, reason="too many clients")
+            self.closed = True
+            transport.close()
+            return
+        self.server.sessions.add(self)
+        self.log.info("connection_opened", session=self.sid, peer=self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_from_client += len(data)
+        out = self.core.client_bytes(data)
+        if out:
+            self.backend.transport.write(out)
+        if self.core.effects:
+            self.run_effects()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed:
+            self.core.client_closed()
+            self.run_effects()
+
+    def pause_writing(self) -> None:
+        # The client is slow: stop reading from the backend.
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None and self.backend.transport is not None \
+                and not self.backend.closed:
+            self.backend.transport.resume_reading()
+
+    # -- effects -------------------------------------------------------------
+
+    def run_effects(self) -> None:
+        effects = self.core.effects
+        while effects:
+            eff = effects.pop(0)
+            cls = eff.__class__
+            if cls is SendClient:
+                if not self.closed:
+                    self.bytes_to_client += len(eff.data)
+                    self.transport.write(eff.data)
+            elif cls is SendServer:
+                if self.backend is not None and self.backend.transport is not None:
+                    self.backend.transport.write(eff.data)
+            elif cls is Close:
+                self._close(eff)
+            elif cls is ConnectBackend:
+                asyncio.ensure_future(self._connect_backend(eff.startup))
+            elif cls is RegisterCancelKey:
+                self.cancel_key = (eff.pid, eff.proxy_secret)
+                self.server.cancel_keys[self.cancel_key] = eff.backend_secret
+            elif cls is CancelQuery:
+                asyncio.ensure_future(self.server.send_cancel(eff.pid, eff.secret))
+            elif cls is StartTLS:
+                asyncio.ensure_future(self._start_tls())
+            else:  # pragma: no cover - a new effect without a handler
+                raise AssertionError(f"unhandled effect {eff!r}")
+
+    async def _start_tls(self) -> None:
+        self.transport.write(b"S")
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(
+                self.transport, self, self.server.ssl_context, server_side=True,
+                ssl_handshake_timeout=self.server.cfg.postgres.connect_timeout_ms / 1000)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            self.log.warning("tls_handshake_failed", session=self.sid, peer=self.peer, error=str(e))
+            self.core.client_closed()
+            self.run_effects()
+
+    async def _connect_backend(self, startup: wire.StartupMessage) -> None:
+        self.transport.pause_reading()
+        backend = BackendConnection(self)
+        try:
+            await self.server.open_backend(lambda: backend)
+        except (OSError, asyncio.TimeoutError) as e:
+            err = "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            self.log.error("backend_connect_failed", session=self.sid,
+                           postgres=self.server.cfg.postgres.where(), error=err)
+            self.core.backend_connect_failed(self.server.cfg.postgres.where(), err)
+            self.run_effects()
+            return
+        if self.closed:
+            backend.transport.close()
+            return
+        self.backend = backend
+        first = self.core.backend_connected()
+        if first:
+            backend.transport.write(first)
+        if self.core.effects:
+            self.run_effects()
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def _close(self, eff: Close) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.sessions.discard(self)
+        if self.cancel_key is not None:
+            self.server.cancel_keys.pop(self.cancel_key, None)
+        if self.transport is not None:
+            self.transport.close()
+        if self.backend is not None:
+            self.backend.closed = True
+            if self.backend.transport is not None:
+                self.backend.transport.close()
+        startup = self.core.startup
+        fields = dict(session=self.sid, peer=self.peer,
+                      duration_ms=round((time.monotonic() - self.opened) * 1000, 1),
+                      bytes_from_client=self.bytes_from_client,
+                      bytes_to_client=self.bytes_to_client, reason=eff.reason)
+        if startup is not None:
+            fields.update(user=startup.get("user"), database=startup.get("database"))
+        if eff.sqlstate and eff.sqlstate not in ("57P01",):
+            self.log.warning("connection_closed", sqlstate=eff.sqlstate, **fields)
+        else:
+            self.log.info("connection_closed", **fields)
+
+
+class BackendConnection(asyncio.Protocol):
+    """The PostgreSQL side of one session."""
+
+    __slots__ = ("client", "core", "transport", "closed")
+
+    def __init__(self, client: ClientConnection):
+        self.client = client
+        self.core = client.core
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        limits = self.client.server.cfg.limits
+        transport.set_write_buffer_limits(limits.write_buffer_high_bytes,
+                                          limits.write_buffer_low_bytes)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        out = self.core.server_bytes(data)
+        if out:
+            client.bytes_to_client += len(out)
+            client.transport.write(out)
+        if self.core.effects:
+            client.run_effects()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed:
+            self.closed = True
+            self.core.server_closed()
+            self.client.run_effects()
+
+    def pause_writing(self) -> None:
+        # PostgreSQL is slow to read (e.g. a big COPY): stop reading the client.
+        if not self.client.closed:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.client.closed:
+            self.client.transport.resume_reading()
+
+
+async def serve(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    """Run one node's proxy until ``stop`` is set (or SIGTERM/SIGINT)."""
+    import signal
+    raise_fd_limit()
+    server = ProxyServer(cfg)
+    await server.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.shutdown()
+
+
+def run(cfg: NodeConfig) -> None:
+    import uvloop
+    mlog.configure(cfg.log.level, open(cfg.log.file, "a", buffering=1) if cfg.log.file else None,
+                   node_id=cfg.node.id, pid=os.getpid())
+    uvloop.run(serve(cfg))
+
+
+__all__ = ["ProxyServer", "serve", "run", "Phase"]

@@ -104,6 +104,9 @@ class RefereeConfig:
 @dataclass(frozen=True)
 class TimeoutsConfig:
     shutdown_grace_ms: int = 30000
+    # A client must finish its startup and authentication within this time
+    # (PostgreSQL's authentication_timeout is 1 min).
+    client_startup_timeout_ms: int = 60000
     heartbeat_interval_ms: int = 200
     heartbeat_timeout_ms: int = 2000
 
@@ -156,7 +159,7 @@ class NodeConfig:
 
 
 _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat_interval_ms",
-             "heartbeat_timeout_ms", "max_client_connections",
+             "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
              "write_buffer_high_bytes", "write_buffer_low_bytes"}
 
 def _describe(v: object) -> str:

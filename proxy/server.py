@@ -134,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "core", "transport", "backend", "sid", "peer", "opened",
                  "bytes_from_client", "bytes_to_client", "closed", "_paused_backend",
-                 "cancel_key", "log")
+                 "cancel_key", "log", "startup_timer")
 
     def __init__(self, server: ProxyServer):
         self.server = server
@@ -151,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.cancel_key: tuple[int, int] | None = None
         self.log = server.log
+        self.startup_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -171,6 +172,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.server.sessions.add(self)
         self.log.info("connection_opened", session=self.sid, peer=self.peer)
+        self.startup_timer = asyncio.get_running_loop().call_later(
+            self.server.cfg.timeouts.client_startup_timeout_ms / 1000, self._startup_timeout)
+
+    def _startup_timeout(self) -> None:
+        self.core.startup_timed_out()
+        self.run_effects()
 
     def data_received(self, data: bytes) -> None:
         self.bytes_from_client += len(data)
@@ -217,6 +224,8 @@ class ClientConnection(asyncio.Protocol):
             elif cls is ConnectBackend:
                 asyncio.ensure_future(self._connect_backend(eff.startup))
             elif cls is RegisterCancelKey:
+                if self.startup_timer is not None:
+                    self.startup_timer.cancel()
                 self.cancel_key = (eff.pid, eff.proxy_secret)
                 self.server.cancel_keys[self.cancel_key] = eff.backend_secret
             elif cls is CancelQuery:
@@ -267,6 +276,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.server.sessions.discard(self)
+        if self.startup_timer is not None:
+            self.startup_timer.cancel()
         if self.cancel_key is not None:
             self.server.cancel_keys.pop(self.cancel_key, None)
         if self.transport is not None:

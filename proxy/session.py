@@ -3,7 +3,11 @@
 The asyncio shell (``proxy.server``) feeds it the bytes each side sends and
 carries out what it returns. The rules it keeps:
 
-- Phases run STARTUP -> CONNECTING -> AUTH -> READY -> CLOSED, never back.
+- Phases run STARTUP -> CONNECTING -> AUTH -> READY [-> DRAINING] -> CLOSED,
+  never back.
+- A protocol violation is answered like PostgreSQL answers it: the complete
+  messages before the bad bytes are still executed and answered (DRAINING),
+  then the client gets FATAL 08P01 and the connection is closed.
 - ``client_bytes``/``server_bytes`` return the bytes to forward to the other
   side (or ``None``); anything else the session wants done is appended to
   ``effects`` and must be carried out by the shell *after* writing the
@@ -35,7 +39,7 @@ PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"
 FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
-CANNOT_CONNECT_NOW = "57P03"
+QUERY_CANCELED = "57014"
 
 
 class Phase(enum.Enum):
@@ -43,6 +47,8 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"    # backend connection being opened
     AUTH = "auth"                # relaying authentication
     READY = "ready"              # relaying queries
+    DRAINING = "draining"        # after a protocol violation: relaying the
+                                 # answers to what was forwarded, then FATAL
     CLOSED = "closed"
 
 
@@ -113,7 +119,8 @@ class Session:
         "phase", "tls_available", "tls_active", "proxy_secret", "startup",
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
-        "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued")
+        "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
+        "_drain_error")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -136,6 +143,8 @@ class Session:
         self._awaiting_password = False
         self._auth_ok = False
         self._queued = b""
+        self._counted = 0          # self._cf.boundaries already added to pending_syncs
+        self._drain_error = ""
 
     # -- helpers -------------------------------------------------------------
 
@@ -173,6 +182,8 @@ class Session:
             if phase is Phase.STARTUP:
                 self._client_startup(data)
                 return None
+            if phase is Phase.DRAINING:
+                return None  # PostgreSQL would never read past the bad bytes
             if phase is Phase.CONNECTING:
                 # libpq waits for the server before speaking; hold anything
                 # a client pipelines (bounded by the startup packet limit).
@@ -181,14 +192,24 @@ class Session:
                 self._queued += data
             return None
         except ProtocolViolation as e:
+            before = [it.raw if it.__class__ is Message else it for it in e.before]
+            if before and (phase is Phase.READY or self._auth_ok):
+                self.pending_syncs += self._cf.boundaries - self._counted
+                self._counted = self._cf.boundaries
+                if self.pending_syncs and phase is Phase.READY:
+                    self.phase = Phase.DRAINING
+                    self._drain_error = str(e)
+                else:
+                    self._fail(PROTOCOL_VIOLATION, str(e))
+                return b"".join(before)
             self._fail(PROTOCOL_VIOLATION, str(e))
             return None
 
     def _client_ready(self, data: bytes) -> bytes | None:
         cf = self._cf
-        before = cf.boundaries
         items = cf.feed(data)
-        self.pending_syncs += cf.boundaries - before
+        self.pending_syncs += cf.boundaries - self._counted
+        self._counted = cf.boundaries
         if len(items) == 1 and items[0].__class__ is not Message:
             return items[0]
         out = []
@@ -298,6 +319,13 @@ class Session:
                    hint="The server process may have crashed or been terminated; "
                         "see the PostgreSQL log. Reconnect to retry.")
 
+    def startup_timed_out(self) -> None:
+        """The client did not finish startup/authentication in time."""
+        if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTH):
+            self._fail(QUERY_CANCELED, "canceling authentication due to timeout",
+                       hint="The client did not complete its startup and authentication "
+                            "within [timeouts] client_startup_timeout_ms.")
+
     def client_closed(self) -> None:
         if self.phase is not Phase.CLOSED:
             self.effects.append(Close("client disconnected"))
@@ -312,7 +340,8 @@ class Session:
         except ProtocolViolation as e:
             self._fail(PROTOCOL_VIOLATION, f"invalid data from PostgreSQL: {e}")
             return None
-        if self.phase is Phase.READY:
+        phase = self.phase
+        if phase is Phase.READY or phase is Phase.DRAINING:
             if len(items) == 1 and items[0].__class__ is not Message:
                 return items[0]
             out = []
@@ -322,7 +351,13 @@ class Session:
                     out.append(it.raw)
                 else:
                     out.append(it)
-            if self.shutting_down and self.idle:
+            if phase is Phase.DRAINING:
+                if self.pending_syncs == 0 and self._sf.at_boundary:
+                    out.append(wire.error_response(PROTOCOL_VIOLATION, self._drain_error,
+                                                   severity="FATAL"))
+                    self.effects.append(Close(self._drain_error, PROTOCOL_VIOLATION))
+                    self.phase = Phase.CLOSED
+            elif self.shutting_down and self.idle:
                 self._end_for_shutdown(out)
             return b"".join(out)
         if self.phase is Phase.AUTH:
@@ -363,6 +398,7 @@ class Session:
                     self._cf = Framer(_READY_CLIENT_INSPECT, frontend=True,
                                       allowed=_READY_CLIENT_ALLOWED, max_inspect_len=4,
                                       count=(_Q, _SYNC)).carry_from(self._cf)
+                    self._counted = 0
                 out.append(it.raw)
             elif t == _K:
                 key = it.decode(frontend=False)

@@ -47,6 +47,12 @@ class ProtocolViolation(Exception):
 
     sqlstate = "08P01"
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        # Set by ``Framer.feed``: the complete messages that came before the
+        # bad bytes in the same read (PostgreSQL would have run them).
+        self.before: list = []
+
 
 # ---------------------------------------------------------------------------
 # Low-level readers/writers
@@ -795,6 +801,13 @@ class Framer:
 
     def feed(self, data: bytes) -> list:
         out: list = []
+        try:
+            return self._feed(data, out)
+        except ProtocolViolation as e:
+            e.before = out
+            raise
+
+    def _feed(self, data: bytes, out: list) -> list:
         n = len(data)
         pos = 0
         skip = self._skip
@@ -816,10 +829,14 @@ class Framer:
             typ = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
             if allowed is not None and typ not in allowed:
+                if pos > run_start:
+                    out.append(data[run_start:pos])
                 raise ProtocolViolation(
                     f"invalid {'frontend' if self.frontend else 'backend'} "
                     f"message type {chr(typ)!r}")
             if length < 4 or length > self._limit(typ):
+                if pos > run_start:
+                    out.append(data[run_start:pos])
                 raise ProtocolViolation(
                     f"invalid message length {length} for message type {chr(typ)!r}")
             end = pos + 1 + length

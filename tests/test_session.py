@@ -1,0 +1,218 @@
+"""The session core, driven without sockets: phases, authentication relay,
+cancel keys, transaction state, protocol violations and shutdown."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from proxy import wire
+from proxy.session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey,
+                           SendClient, SendServer, Session, StartTLS)
+
+STARTUP = wire.StartupMessage((("user", "alice"), ("database", "db"),
+                               ("application_name", "app"))).encode()
+HELLO = (wire.Authentication(wire.AUTH_OK).encode()
+         + wire.ParameterStatus("server_version", "15.18").encode()
+         + wire.BackendKeyData(4242, 1111).encode()
+         + wire.ReadyForQuery(b"I").encode())
+
+
+def errors(effects) -> list[wire.ErrorResponse]:
+    out = []
+    for e in effects:
+        if isinstance(e, SendClient) and e.data[:1] == b"E":
+            out.append(wire.decode(b"E", e.data[5:], frontend=False))
+    return out
+
+
+def connected(tls: bool = False) -> Session:
+    s = Session(tls_available=tls, proxy_secret=999)
+    assert s.client_bytes(STARTUP) is None
+    assert s.effects == [ConnectBackend(wire.decode_startup_packet(STARTUP))]
+    s.effects.clear()
+    assert s.backend_connected() == STARTUP
+    return s
+
+
+def ready() -> Session:
+    s = connected()
+    out = s.server_bytes(HELLO)
+    assert s.phase is Phase.READY
+    s.effects.clear()
+    assert out is not None
+    return s
+
+
+def test_trust_startup_rewrites_cancel_secret():
+    s = connected()
+    out = s.server_bytes(HELLO)
+    assert s.phase is Phase.READY
+    assert wire.BackendKeyData(4242, 999).encode() in out
+    assert wire.BackendKeyData(4242, 1111).encode() not in out
+    assert s.effects == [RegisterCancelKey(4242, 999, 1111)]
+    assert s.server_params == {"server_version": "15.18"}
+
+
+def test_scram_exchange_is_relayed_and_ordered():
+    s = connected()
+    sasl = wire.Authentication(wire.AUTH_SASL, b"SCRAM-SHA-256\0\0").encode()
+    assert s.server_bytes(sasl) == sasl
+    first = wire.PasswordMessage(b"SCRAM-SHA-256\0....").encode()
+    assert s.client_bytes(first) == first
+    cont = wire.Authentication(wire.AUTH_SASL_CONTINUE, b"r=1").encode()
+    assert s.server_bytes(cont) == cont
+    final = wire.PasswordMessage(b"c=biws,r=1,p=x").encode()
+    # delivered byte by byte, the message is still relayed whole once
+    outs = [s.client_bytes(final[i:i + 1]) for i in range(len(final))]
+    assert b"".join(o for o in outs if o) == final
+    s.server_bytes(wire.Authentication(wire.AUTH_SASL_FINAL, b"v=1").encode())
+    # no request outstanding now: another 'p' is out of order
+    assert s.client_bytes(wire.PasswordMessage(b"again").encode()) is None
+    assert errors(s.effects)[0].sqlstate == "08P01"
+    assert s.phase is Phase.CLOSED
+
+
+def test_query_before_authentication_is_refused():
+    s = connected()
+    s.server_bytes(wire.Authentication(wire.AUTH_MD5, b"salt").encode())
+    s.client_bytes(wire.Query("select 1").encode())
+    [err] = errors(s.effects)
+    assert (err.severity, err.sqlstate) == ("FATAL", "08P01")
+    assert isinstance(s.effects[-1], Close)
+
+
+def test_transaction_state_and_statement_boundaries():
+    s = ready()
+    q = wire.Query("BEGIN; INSERT INTO t VALUES (1)").encode()
+    assert s.client_bytes(q) == q
+    assert s.pending_syncs == 1
+    s.server_bytes(wire.CommandComplete("BEGIN").encode())
+    assert s.pending_syncs == 1
+    s.server_bytes(wire.CommandComplete("INSERT 0 1").encode() + wire.ReadyForQuery(b"T").encode())
+    assert (s.pending_syncs, s.txn_status) == (0, b"T")
+    # pipelined extended protocol: two syncs in flight
+    batch = (wire.Parse("", "select 1").encode() + wire.Bind("", "").encode()
+             + wire.Execute("").encode() + wire.Sync().encode()) * 2
+    assert s.client_bytes(batch) == batch
+    assert s.pending_syncs == 2
+    s.server_bytes(wire.ReadyForQuery(b"E").encode())
+    assert (s.pending_syncs, s.txn_status) == (1, b"E")
+
+
+@pytest.mark.parametrize("bad", [
+    b"p" + struct.pack("!I", 8) + b"pass",             # password after auth
+    b"?" + struct.pack("!I", 4),                       # unknown type
+    b"Q" + struct.pack("!I", 2),                       # length too small
+    b"S" + struct.pack("!I", 9) + b"xxxxx",           # Sync with a body
+    b"\x00\x00\x00\x08\x04\xd2\x16\x2f",                # a second SSLRequest
+])
+def test_protocol_violations_close_only_this_session(bad):
+    s = ready()
+    good = wire.Query("select 1").encode()
+    out = s.client_bytes(good + bad)
+    assert out == good  # what came before the bad bytes still reaches the server
+    assert s.phase is Phase.DRAINING and s.effects == []
+    assert s.client_bytes(wire.Query("select 2").encode()) is None  # never read
+    answer = wire.DataRow((b"1",)).encode() + wire.ReadyForQuery(b"I").encode()
+    out = s.server_bytes(answer)
+    assert out.startswith(answer)  # the answer first, then the FATAL
+    err = wire.decode(b"E", out[len(answer) + 5:], frontend=False)
+    assert (err.severity, err.sqlstate) == ("FATAL", "08P01")
+    assert isinstance(s.effects[-1], Close) and s.phase is Phase.CLOSED
+
+
+def test_protocol_violation_with_nothing_pending_closes_at_once():
+    s = ready()
+    assert s.client_bytes(b"?" + struct.pack("!I", 4)) is None
+    [err] = errors(s.effects)
+    assert (err.severity, err.sqlstate) == ("FATAL", "08P01")
+    assert s.phase is Phase.CLOSED
+
+
+def test_replication_connections_are_refused():
+    s = Session(tls_available=False, proxy_secret=1)
+    s.client_bytes(wire.StartupMessage((("user", "u"), ("replication", "database"))).encode())
+    [err] = errors(s.effects)
+    assert err.sqlstate == "0A000" and "replication" in err.message
+    assert s.phase is Phase.CLOSED
+
+
+def test_ssl_negotiation():
+    s = Session(tls_available=False, proxy_secret=1)
+    s.client_bytes(wire.SSLRequest().encode())
+    assert s.effects == [SendClient(b"N")]
+    s.effects.clear()
+    s.client_bytes(wire.GSSENCRequest().encode())
+    assert s.effects == [SendClient(b"N")]
+    t = Session(tls_available=True, proxy_secret=1)
+    t.client_bytes(wire.SSLRequest().encode())
+    assert t.effects == [StartTLS()]
+    # bytes after SSLRequest, before the handshake: refused (CVE-2021-23214)
+    u = Session(tls_available=True, proxy_secret=1)
+    u.client_bytes(wire.SSLRequest().encode() + STARTUP)
+    assert errors(u.effects)[0].sqlstate == "08P01"
+
+
+def test_cancel_request_effect():
+    s = Session(tls_available=False, proxy_secret=1)
+    s.client_bytes(wire.CancelRequest(4242, 999).encode())
+    assert s.effects == [CancelQuery(4242, 999), Close("cancel request")]
+
+
+def test_backend_loss_reports_error_at_boundary_only():
+    s = ready()
+    s.server_closed()
+    [err] = errors(s.effects)
+    assert err.sqlstate == "08006"
+    # mid-message: an injected error would corrupt the stream, so just close
+    t = ready()
+    t.server_bytes(b"D" + struct.pack("!I", 100) + b"partial")
+    t.server_closed()
+    assert errors(t.effects) == [] and isinstance(t.effects[-1], Close)
+
+
+def test_backend_fatal_is_not_doubled():
+    s = ready()
+    fatal = wire.error_response("57P01", "terminating connection due to administrator command",
+                                severity="FATAL")
+    assert s.server_bytes(fatal) == fatal
+    s.server_closed()
+    assert errors(s.effects) == [] and s.effects[-1].sqlstate == "57P01"
+
+
+def test_connect_failure_tells_the_client():
+    s = Session(tls_available=False, proxy_secret=1)
+    s.client_bytes(STARTUP)
+    s.effects.clear()
+    s.backend_connect_failed("/tmp/.s.PGSQL.5432", "Connection refused")
+    [err] = errors(s.effects)
+    assert err.severity == "FATAL" and err.sqlstate == "08006"
+    assert "Connection refused" in err.message
+
+
+def test_shutdown_waits_for_idle_point():
+    s = ready()
+    s.client_bytes(wire.Query("BEGIN").encode())
+    s.server_bytes(wire.CommandComplete("BEGIN").encode() + wire.ReadyForQuery(b"T").encode())
+    s.request_shutdown()
+    assert s.effects == []  # in a transaction: let it finish
+    s.client_bytes(wire.Query("COMMIT").encode())
+    out = s.server_bytes(wire.CommandComplete("COMMIT").encode() + wire.ReadyForQuery(b"I").encode())
+    err = wire.decode(b"E", out[out.index(b"E\x00") + 5:], frontend=False)
+    assert err.sqlstate == "57P01"
+    assert out.startswith(wire.CommandComplete("COMMIT").encode())
+    assert SendServer(wire.Terminate().encode()) in s.effects
+    assert s.phase is Phase.CLOSED
+
+
+def test_shutdown_of_idle_session_is_immediate_and_grace_expiry_ends_the_rest():
+    s = ready()
+    s.request_shutdown()
+    assert errors(s.effects)[0].sqlstate == "57P01"
+    t = ready()
+    t.client_bytes(wire.Query("select pg_sleep(100)").encode())
+    t.request_shutdown()
+    assert t.effects == []
+    t.terminate_now()
+    assert errors(t.effects)[0].sqlstate == "57P01" and t.phase is Phase.CLOSED

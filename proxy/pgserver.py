@@ -64,6 +64,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a daemonized postmaster's zombie lingers where
+    PID 1 does not reap, e.g. in containers)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _as_postgres() -> list[str]:
     """Prefix to run a command as the postgres user when we are root."""
     if os.geteuid() != 0:
@@ -112,7 +122,20 @@ class LocalPostgres:
             return ""
         return "\n--- postgres.log ---\n" + "\n".join(lines)
 
+    def _check_reachable(self) -> None:
+        """As root, the server runs as ``postgres``: every directory above
+        ``base`` must let that user through."""
+        if os.geteuid() != 0:
+            return
+        for parent in self.base.resolve().parents:
+            if parent.exists() and not os.stat(parent).st_mode & 0o001:
+                raise RuntimeError(
+                    f"directory {parent} is not accessible to the postgres user, which "
+                    f"PostgreSQL runs as when started by root; choose a directory under "
+                    f"/tmp, or run: chmod o+x {parent}")
+
     def init(self) -> "LocalPostgres":
+        self._check_reachable()
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)
         _chown_to_postgres(self.base)
@@ -155,11 +178,7 @@ class LocalPostgres:
             pid = int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return pid if process_running(pid) else None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         pid = self.pid()

@@ -134,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("server", "core", "transport", "backend", "sid", "peer", "opened",
                  "bytes_from_client", "bytes_to_client", "closed", "_paused_backend",
-                 "cancel_key", "log", "startup_timer")
+                 "cancel_key", "log", "startup_timer", "backend_write")
 
     def __init__(self, server: ProxyServer):
         self.server = server
@@ -180,11 +180,13 @@ class ClientConnection(asyncio.Protocol):
         self.run_effects()
 
     def data_received(self, data: bytes) -> None:
+        # Hot path: one core call, at most one write.
         self.bytes_from_client += len(data)
-        out = self.core.client_bytes(data)
+        core = self.core
+        out = core.client_bytes(data)
         if out:
-            self.backend.transport.write(out)
-        if self.core.effects:
+            self.backend_write(out)
+        if core.effects:
             self.run_effects()
 
     def eof_received(self):
@@ -263,6 +265,7 @@ class ClientConnection(asyncio.Protocol):
             backend.transport.close()
             return
         self.backend = backend
+        self.backend_write = backend.transport.write
         first = self.core.backend_connected()
         if first:
             backend.transport.write(first)
@@ -302,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
 class BackendConnection(asyncio.Protocol):
     """The PostgreSQL side of one session."""
 
-    __slots__ = ("client", "core", "transport", "closed")
+    __slots__ = ("client", "core", "transport", "closed", "client_write")
 
     def __init__(self, client: ClientConnection):
         self.client = client
@@ -312,6 +315,7 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.client_write = self.client.transport.write
         limits = self.client.server.cfg.limits
         transport.set_write_buffer_limits(limits.write_buffer_high_bytes,
                                           limits.write_buffer_low_bytes)
@@ -320,13 +324,14 @@ class BackendConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
-        out = self.core.server_bytes(data)
+        # Hot path: one core call, at most one write.
+        core = self.core
+        out = core.server_bytes(data)
         if out:
-            client.bytes_to_client += len(out)
-            client.transport.write(out)
-        if self.core.effects:
-            client.run_effects()
+            self.client.bytes_to_client += len(out)
+            self.client_write(out)
+        if core.effects:
+            self.client.run_effects()
 
     def eof_received(self):
         return False

@@ -99,7 +99,11 @@ class Close:
 
 # Backend messages inspected while authenticating / while relaying.
 _AUTH_SERVER_INSPECT = frozenset(b"RKESZv")
-_READY_SERVER_INSPECT = frozenset(b"ZES")
+# ReadyForQuery is peeked (status byte read in place), errors and parameter
+# changes are inspected whole; everything else streams through.
+_READY_SERVER_INSPECT = frozenset(b"ES")
+_READY_SERVER_PEEK = frozenset(b"Z")
+_TXN_STATUS = {ord("I"): b"I", ord("T"): b"T", ord("E"): b"E"}
 # Frontend: only 'X' (Terminate) is looked at whole; Query and Sync are
 # counted as they pass (their bodies may be up to 1 GB and are streamed).
 _READY_CLIENT_INSPECT = frozenset(b"X")
@@ -120,7 +124,7 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error")
+        "_drain_error", "_zseen")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -145,6 +149,7 @@ class Session:
         self._queued = b""
         self._counted = 0          # self._cf.boundaries already added to pending_syncs
         self._drain_error = ""
+        self._zseen = 0            # self._sf.peeked already applied
 
     # -- helpers -------------------------------------------------------------
 
@@ -174,7 +179,15 @@ class Session:
         phase = self.phase
         try:
             if phase is Phase.READY:
-                return self._client_ready(data)
+                # Hot path, inlined: complete messages, none inspected.
+                cf = self._cf
+                items = cf.feed(data)
+                if cf.boundaries != self._counted:
+                    self.pending_syncs += cf.boundaries - self._counted
+                    self._counted = cf.boundaries
+                if len(items) == 1 and items[0].__class__ is not Message:
+                    return items[0]
+                return self._client_ready_items(items)
             if phase is Phase.AUTH:
                 if self._auth_ok:
                     return self._client_ready(data)
@@ -212,6 +225,9 @@ class Session:
         self._counted = cf.boundaries
         if len(items) == 1 and items[0].__class__ is not Message:
             return items[0]
+        return self._client_ready_items(items)
+
+    def _client_ready_items(self, items: list) -> bytes | None:
         out = []
         for it in items:
             if it.__class__ is Message:
@@ -335,46 +351,56 @@ class Session:
 
     def server_bytes(self, data: bytes) -> bytes | None:
         """Bytes from the backend. Returns what to send to the client."""
+        sf = self._sf
         try:
-            items = self._sf.feed(data)
+            items = sf.feed(data)
         except ProtocolViolation as e:
             self._fail(PROTOCOL_VIOLATION, f"invalid data from PostgreSQL: {e}")
             return None
         phase = self.phase
-        if phase is Phase.READY or phase is Phase.DRAINING:
-            if len(items) == 1 and items[0].__class__ is not Message:
-                return items[0]
-            out = []
-            for it in items:
-                if it.__class__ is Message:
-                    self._server_ready_message(it)
-                    out.append(it.raw)
-                else:
-                    out.append(it)
-            if phase is Phase.DRAINING:
-                if self.pending_syncs == 0 and self._sf.at_boundary:
-                    out.append(wire.error_response(PROTOCOL_VIOLATION, self._drain_error,
-                                                   severity="FATAL"))
-                    self.effects.append(Close(self._drain_error, PROTOCOL_VIOLATION))
-                    self.phase = Phase.CLOSED
-            elif self.shutting_down and self.idle:
-                self._end_for_shutdown(out)
-            return b"".join(out)
-        if self.phase is Phase.AUTH:
-            return self._server_auth(items)
-        return None  # closed: drop
+        if phase is not Phase.READY and phase is not Phase.DRAINING:
+            if phase is Phase.AUTH:
+                return self._server_auth(items)
+            return None  # closed: drop
+        if sf.peeked != self._zseen:
+            # ReadyForQuery seen: a statement cycle ended.
+            done = sf.peeked - self._zseen
+            self._zseen = sf.peeked
+            self.pending_syncs = max(0, self.pending_syncs - done)
+            self.txn_status = _TXN_STATUS.get(sf.last_peek, self.txn_status)
+            if phase is Phase.DRAINING or self.shutting_down:
+                return self._after_cycle(items)
+        if len(items) == 1 and items[0].__class__ is not Message:
+            return items[0]
+        return self._join_ready(items)
 
-    def _server_ready_message(self, m: Message) -> None:
-        t = m.type
-        if t == _Z:
-            self.txn_status = m.body
-            if self.pending_syncs > 0:
-                self.pending_syncs -= 1
-        elif t == _E:
-            self._note_error(m)
-        elif t == _S:
-            ps = m.decode(frontend=False)
-            self.server_params[ps.name] = ps.value
+    def _join_ready(self, items: list) -> bytes:
+        out = []
+        for it in items:
+            if it.__class__ is Message:
+                if it.type == _E:
+                    self._note_error(it)
+                else:
+                    ps = it.decode(frontend=False)
+                    self.server_params[ps.name] = ps.value
+                out.append(it.raw)
+            else:
+                out.append(it)
+        return b"".join(out)
+
+    def _after_cycle(self, items: list) -> bytes:
+        """A statement cycle ended while draining or shutting down: end the
+        session here if nothing else is in flight."""
+        out = [self._join_ready(items)]
+        if self.phase is Phase.DRAINING:
+            if self.pending_syncs == 0 and self._sf.at_boundary:
+                out.append(wire.error_response(PROTOCOL_VIOLATION, self._drain_error,
+                                               severity="FATAL"))
+                self.effects.append(Close(self._drain_error, PROTOCOL_VIOLATION))
+                self.phase = Phase.CLOSED
+        elif self.idle:
+            self._end_for_shutdown(out)
+        return b"".join(out)
 
     def _note_error(self, m: Message) -> None:
         err = m.decode(frontend=False)
@@ -409,7 +435,9 @@ class Session:
                 self.txn_status = it.body
                 out.append(it.raw)
                 self.phase = Phase.READY
-                self._sf = Framer(_READY_SERVER_INSPECT, frontend=False).carry_from(self._sf)
+                self._sf = Framer(_READY_SERVER_INSPECT, frontend=False,
+                                  peek=_READY_SERVER_PEEK).carry_from(self._sf)
+                self._zseen = 0
             else:
                 if t == _E:
                     self._note_error(it)

@@ -753,6 +753,10 @@ class Message:
         return decode(bytes((self.type,)), self.body, frontend=frontend)
 
 
+# What the framer does with each message type (a 256-entry table).
+_DENY, _PASS, _COUNT, _PEEK, _INSPECT = 0, 1, 2, 3, 4
+
+
 class Framer:
     """Cuts one direction of a connection into messages, in order.
 
@@ -761,27 +765,54 @@ class Framer:
     ``Message`` (a whole message of a type in ``inspect``). Joining the raw
     runs and the messages' ``raw`` in order gives back the input exactly.
 
-    Memory: at most one partial header (< 5 bytes) or one partial inspected
-    message (<= ``max_inspect_len`` bytes) is held between calls.
+    Per type, from a table built once: *pass* (stream through), *count*
+    (stream through, ``boundaries += 1``), *peek* (stream through whole,
+    ``peeked += 1`` and ``last_peek`` = its first body byte - this is how
+    ReadyForQuery is tracked without splitting the run or allocating), or
+    *inspect* (deliver as ``Message``). Types not ``allowed`` are refused.
+    So the common read - complete messages, none inspected - comes back as
+    the very same bytes object, and the relay forwards it untouched.
+
+    Memory: at most one partial header (< 5 bytes) or one partial
+    peeked/inspected message (<= ``max_inspect_len`` bytes) is held between
+    calls; every other message is streamed as it arrives.
     """
 
-    __slots__ = ("inspect", "allowed", "max_inspect_len", "count",
-                 "boundaries", "_buf", "_skip", "frontend")
+    __slots__ = ("_actions", "_limits", "max_inspect_len", "boundaries", "peeked",
+                 "last_peek", "_buf", "_skip", "frontend")
 
     def __init__(self, inspect: Iterable[int], *, frontend: bool,
                  allowed: Iterable[int] | None = None,
                  max_inspect_len: int = MAX_MESSAGE_LEN,
-                 count: Iterable[int] = ()):
-        self.inspect = frozenset(inspect)
+                 count: Iterable[int] = (), peek: Iterable[int] = ()):
+        actions = bytearray([_DENY if allowed is not None else _PASS]) * 256
+        for t in allowed or ():
+            actions[t] = _PASS
+        for act, types in ((_COUNT, count), (_PEEK, peek), (_INSPECT, inspect)):
+            for t in types:
+                actions[t] = act
+        self._actions = bytes(actions)
+        # Largest legal length word per type, with the refusals folded in so
+        # the hot loop makes one comparison: -1 for types not allowed,
+        # max_inspect_len for types that must be buffered whole.
+        limits = [MAX_MESSAGE_LEN] * 256
+        for t in range(256):
+            if frontend and t in FRONTEND_EMPTY_TYPES:
+                limits[t] = 4
+            elif frontend and t not in FRONTEND_LARGE_TYPES:
+                limits[t] = MAX_SMALL_MESSAGE_LEN + 4
+            if actions[t] == _DENY:
+                limits[t] = -1
+            elif actions[t] >= _PEEK:
+                limits[t] = min(limits[t], max_inspect_len)
+        self._limits = tuple(limits)
         self.frontend = frontend
-        self.allowed = frozenset(allowed) if allowed is not None else None
         self.max_inspect_len = max_inspect_len
-        # Types (not inspected) whose occurrences are counted as they pass:
-        # ``boundaries`` grows by one per message of those types.
-        self.count = frozenset(count)
-        self.boundaries = 0
+        self.boundaries = 0    # messages of the ``count`` types seen
+        self.peeked = 0        # messages of the ``peek`` types seen
+        self.last_peek = -1    # first body byte of the last peeked message
         self._buf = b""
-        self._skip = 0     # bytes of the current pass-through message to come
+        self._skip = 0         # bytes of the current pass-through message to come
 
     def carry_from(self, old: "Framer") -> "Framer":
         """Take over the partial-message state of ``old`` (used when a
@@ -794,71 +825,65 @@ class Framer:
         """True when everything fed so far ended on a message boundary."""
         return not self._buf and not self._skip
 
-    def _limit(self, typ: int) -> int:
-        if self.frontend and typ not in FRONTEND_LARGE_TYPES:
-            return 4 if typ in FRONTEND_EMPTY_TYPES else MAX_SMALL_MESSAGE_LEN + 4
-        return MAX_MESSAGE_LEN
+
+    def _violation(self, typ: int, length: int, action: int) -> ProtocolViolation:
+        side = "frontend" if self.frontend else "backend"
+        if action == _DENY:
+            return ProtocolViolation(f"invalid {side} message type {chr(typ)!r}")
+        if action >= _PEEK and 4 <= length <= MAX_MESSAGE_LEN:
+            return ProtocolViolation(f"message of type {chr(typ)!r} too long ({length} bytes)")
+        return ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
 
     def feed(self, data: bytes) -> list:
         out: list = []
-        try:
-            return self._feed(data, out)
-        except ProtocolViolation as e:
-            e.before = out
-            raise
-
-    def _feed(self, data: bytes, out: list) -> list:
         n = len(data)
         pos = 0
         skip = self._skip
         if skip:
             if skip >= n:
                 self._skip = skip - n
-                return [data]
+                out.append(data)
+                return out
             pos = skip
             self._skip = 0
         elif self._buf:
             data = self._buf + data
             n = len(data)
             self._buf = b""
-        inspect = self.inspect
-        allowed = self.allowed
-        count = self.count
+        actions = self._actions
+        limits = self._limits
         run_start = 0
         while pos + 5 <= n:
             typ = data[pos]
+            action = actions[typ]
             length = _unpack_u32(data, pos + 1)[0]
-            if allowed is not None and typ not in allowed:
+            if length < 4 or length > limits[typ]:
                 if pos > run_start:
                     out.append(data[run_start:pos])
-                raise ProtocolViolation(
-                    f"invalid {'frontend' if self.frontend else 'backend'} "
-                    f"message type {chr(typ)!r}")
-            if length < 4 or length > self._limit(typ):
-                if pos > run_start:
-                    out.append(data[run_start:pos])
-                raise ProtocolViolation(
-                    f"invalid message length {length} for message type {chr(typ)!r}")
+                e = self._violation(typ, length, action)
+                e.before = out  # the complete messages before the bad bytes
+                raise e
             end = pos + 1 + length
-            if typ in inspect:
-                if length > self.max_inspect_len:
-                    raise ProtocolViolation(
-                        f"message of type {chr(typ)!r} too long ({length} bytes)")
-                if end > n:
-                    break
-                if pos > run_start:
-                    out.append(data[run_start:pos])
-                out.append(Message(typ, data[pos + 5:end], data[pos:end]))
-                pos = end
-                run_start = end
-            else:
-                if typ in count:
+            if action <= _COUNT:
+                if action == _COUNT:
                     self.boundaries += 1
                 if end > n:
                     self._skip = end - n
                     pos = n
                     break
                 pos = end
+            elif end > n:
+                break  # peek/inspect: wait for the whole message
+            elif action == _PEEK:
+                self.peeked += 1
+                self.last_peek = data[pos + 5] if length > 4 else -1
+                pos = end
+            else:
+                if pos > run_start:
+                    out.append(data[run_start:pos])
+                out.append(Message(typ, data[pos + 5:end], data[pos:end]))
+                pos = end
+                run_start = end
         if pos > run_start:
             out.append(data[run_start:pos] if (run_start or pos < n) else data)
         if pos < n:

@@ -64,10 +64,35 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
+def demo_ports(nodes: int, base_port: int) -> list[int]:
+    """Proxy i on base+i, its PostgreSQL on base+100+i, inter-node base+200+i."""
+    return [base_port + off + i for off in (0, 100, 200) for i in range(1, nodes + 1)]
+
+
+def ports_in_use(ports: list[int]) -> list[int]:
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
 def run_demo(nodes: int, base_dir: str, base_port: int, keep: bool, log_level: str) -> int:
     if not 1 <= nodes <= 9:
         print("mmproxy demo: --nodes must be between 1 and 9", file=sys.stderr)
         return 2
+    if not 1024 <= base_port <= 65535 - 210:
+        print("mmproxy demo: --port must be between 1024 and 65325", file=sys.stderr)
+        return 2
+    busy = ports_in_use(demo_ports(nodes, base_port))
+    if busy:
+        print(f"mmproxy demo: port(s) {', '.join(map(str, busy))} already in use; "
+              "stop what uses them or choose another --port", file=sys.stderr)
+        return 1
     base = Path(base_dir).resolve()
     if base.exists():
         shutil.rmtree(base)

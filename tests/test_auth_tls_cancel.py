@@ -13,6 +13,9 @@ from conftest import PASSWORD, wait_for
 
 
 def wait_active(conn, query: str) -> None:
+    # ``conn`` must be in autocommit: PostgreSQL caches pg_stat_activity for
+    # the length of a transaction (stats_fetch_consistency).
+    assert conn.autocommit
     wait_for(lambda: conn.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'active'",
         (query,)).fetchone()[0], what=f"{query!r} to run")
@@ -67,7 +70,7 @@ def test_tls_required_but_not_configured(proxy):
 
 
 def test_cancel_running_query_within_a_second(proxy):
-    with psycopg.connect(proxy.dsn()) as conn, psycopg.connect(proxy.dsn()) as other:
+    with psycopg.connect(proxy.dsn()) as conn, psycopg.connect(proxy.dsn(), autocommit=True) as other:
         result = {}
 
         def run():
@@ -110,7 +113,7 @@ def test_cancel_with_wrong_key_does_nothing(proxy):
             done.set()
         t = threading.Thread(target=run)
         t.start()
-        with psycopg.connect(proxy.dsn()) as other:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
             wait_active(other, "SELECT pg_sleep(1.5)")
         with socket.create_connection(("127.0.0.1", proxy.port)) as s:
             s.sendall(struct.pack("!iiii", 16, 80877102, pid, 12345))

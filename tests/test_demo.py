@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import signal
 import subprocess
 import sys
@@ -11,9 +13,33 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from proxy.demo import demo_ports, ports_in_use
 from proxy.pgserver import free_port, process_running
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_demo_base(nodes: int) -> int:
+    """A base port whose derived ports are all free, below the kernel's
+    ephemeral range (32768+) so outgoing connections cannot take them."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - 300, 10)
+        if not ports_in_use(demo_ports(nodes, base)):
+            return base
+    raise RuntimeError("no free port block found")
+
+
+def test_demo_refuses_busy_ports(workdir):
+    base = free_demo_base(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 1))
+        s.listen()
+        res = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--nodes", "1",
+                              "--dir", str(workdir / "busy"), "--port", str(base)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert f"port(s) {base + 1} already in use" in res.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the servers to another user")
@@ -27,9 +53,7 @@ def test_demo_refuses_a_directory_postgres_cannot_reach(tmp_path):
 
 
 def test_demo_starts_serves_and_stops_cleanly(workdir):
-    base = free_port() // 10 * 10
-    while base > 60000:
-        base -= 10000
+    base = free_demo_base(2)
     d = workdir / "demo"
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo", "--nodes", "2",
                              "--dir", str(d), "--port", str(base)],

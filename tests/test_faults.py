@@ -264,7 +264,7 @@ def test_slow_client_backpressure(proxy):
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     c.startup()
     c.send(wire.Query("SELECT repeat('x', 1000) FROM generate_series(1, 200000)").encode())
-    with psycopg.connect(proxy.dsn()) as other:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
         wait_for(lambda: other.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite'"
         ).fetchone()[0] == 1, what="the backend to block on writing to the proxy")

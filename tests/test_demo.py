@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from proxy.demo import demo_ports, ports_in_use
-from proxy.pgserver import free_port, process_running
+from proxy.pgserver import process_running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_demo_refuses_busy_ports(workdir):
 def test_demo_refuses_a_directory_postgres_cannot_reach(tmp_path):
     os.chmod(tmp_path, 0o700)
     res = subprocess.run([sys.executable, "-m", "proxy.cli", "demo", "--nodes", "1",
-                          "--dir", str(tmp_path / "demo"), "--port", str(free_port())],
+                          "--dir", str(tmp_path / "demo"), "--port", str(free_demo_base(1))],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert f"directory {tmp_path} is not accessible to the postgres user" in res.stderr

@@ -33,8 +33,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import proxy, uvloop, psycopg, structlog, pglast" 
+    echo "installing mmproxy${extras:+ with [$extras]} into .venv (log: .venv/install.log) ..." >&2
+    if ! .venv/bin/python -m pip install -e ".${extras:+[$extras]}" > .venv/install.log 2>&1; then
+        tail -n 30 .venv/install.log >&2
+        echo "pip install failed; the whole log is in .venv/install.log" >&2
+        exit 1
+    fi
+    .venv/bin/python -c "import proxy, uvloop, psycopg, structlog, pglast"
     touch "$stamp"
 fi

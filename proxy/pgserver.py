@@ -100,7 +100,10 @@ class LocalPostgres:
         self.logfile = self.base / "postgres.log"
         self.settings = dict(BASE_SETTINGS)
         if not fsync:
-            self.settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+            # Fast, not durable: for tests. synchronous_commit stays on:
+            # logical decoding only sends flushed WAL, so asynchronous
+            # commits would reach the peers late (up to wal_writer_delay).
+            self.settings.update(fsync="off", full_page_writes="off")
         self.settings.update(settings or {})
         self.hba = hba
         self.bindir = pg_bin_dir()

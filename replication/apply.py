@@ -1,0 +1,326 @@
+"""Applying a peer's decoded transactions to the local PostgreSQL server.
+
+An ``Applier`` owns one psycopg connection to the local server, set up with
+the replication origin of the peer it applies (``mtm_node_<id>``), so that
+every transaction it writes is marked with that origin: the local sender
+sees the ORIGIN message and never ships it again (PG15's pgoutput has no
+origin filter; the sender filters), and ``pg_replication_origin_status``
+records how far the peer's stream is applied.
+
+Rules kept here (mmts's apply rules, doc/multimaster.xml):
+- A prepared transaction of the peer is applied and then PREPAREd with the
+  *same gid*; the result (prepared, or the SQLSTATE and message of the
+  failure) is returned to the caller, who votes with it in the commit
+  protocol. A failure rolls the local copy back and skips the rest of that
+  transaction: the coordinator will abort it everywhere.
+- UPDATE or DELETE of a row that does not exist fails the transaction
+  (SQLSTATE 02000 from the applier): silently skipping it would diverge.
+- Columns sent as "unchanged TOAST" are left alone.
+- COMMIT/ROLLBACK PREPARED of a gid that is not prepared here is ignored
+  (PG15-FACTS: a nextval-only transaction yields a lone COMMIT PREPARED).
+- Row values are passed in PostgreSQL's text form with unknown type, so the
+  server converts them to the column types exactly as it printed them.
+- Replay is normal (a restarted stream resends what was not confirmed):
+  a transaction whose end LSN is not past the origin's recorded progress
+  was applied already and is skipped whole.
+- DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
+  order with the rows, and is run with the session context it was captured
+  with; rows that the DDL statement made itself (CREATE TABLE AS) are
+  skipped until the ``mtm_ddl_end`` message, because the DDL re-creates them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from . import pgoutput as po
+
+DDL_PREFIX = "mtm_ddl"
+DDL_END_PREFIX = "mtm_ddl_end"
+
+
+def origin_name(node_id: int) -> str:
+    return f"mtm_node_{node_id}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    gid: str
+
+
+@dataclass(frozen=True)
+class PrepareFailed:
+    gid: str
+    sqlstate: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """COMMIT/ROLLBACK (PREPARED) done locally."""
+    gid: str | None
+    committed: bool
+    applied: bool    # False when the gid was unknown here and nothing was done
+
+
+class ApplyError(RuntimeError):
+    """A failure outside a prepared transaction: cannot be voted away."""
+
+
+class Applier:
+    def __init__(self, conn: psycopg.AsyncConnection, peer_id: int, *,
+                 lock_timeout_ms: int = 1000):
+        assert conn.autocommit, "the applier manages transactions itself"
+        self.conn = conn
+        self.peer_id = peer_id
+        self.origin = origin_name(peer_id)
+        self.lock_timeout_ms = lock_timeout_ms
+        self.relations: dict[int, po.Relation] = {}
+        self._in_txn = False
+        self._gid: str | None = None
+        self._failed: PrepareFailed | None = None
+        self._skip_rows = False
+        self._commit_lsn = 0
+        self._commit_ts = 0
+        self._applied_lsn = 0      # origin progress at setup: older is a replay
+        self._replay = False       # skipping an already applied transaction
+
+    async def setup(self) -> None:
+        c = self.conn
+        row = await (await c.execute("SELECT roident FROM pg_replication_origin WHERE roname = %s",
+                                     (self.origin,))).fetchone()
+        if row is None:
+            await c.execute("SELECT pg_replication_origin_create(%s)", (self.origin,))
+        await c.execute("SELECT pg_replication_origin_session_setup(%s)", (self.origin,))
+        await c.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
+        await c.execute("SET check_function_bodies = off")
+        await c.execute("SET session_replication_role = replica")
+        self._applied_lsn = await self.applied_lsn()
+
+    async def applied_lsn(self) -> int:
+        row = await (await self.conn.execute(
+            "SELECT remote_lsn FROM pg_replication_origin_status s JOIN pg_replication_origin o "
+            "ON o.roident = s.local_id WHERE o.roname = %s", (self.origin,))).fetchone()
+        return po.parse_lsn(row[0]) if row and row[0] else 0
+
+    # -- the message loop --------------------------------------------------------
+
+    async def apply(self, msg) -> Prepared | PrepareFailed | Finished | None:
+        cls = msg.__class__
+        if cls is po.Relation:
+            self.relations[msg.relid] = msg
+            return None
+        if cls is po.Type or cls is po.Origin:
+            return None
+        if cls is po.Begin or cls is po.BeginPrepare:
+            end = msg.final_lsn if cls is po.Begin else msg.end_lsn
+            if end <= self._applied_lsn:
+                self._replay = True
+                return None
+            await self._begin(getattr(msg, "gid", None))
+            self._commit_lsn = end
+            self._commit_ts = msg.commit_ts if cls is po.Begin else msg.prepare_ts
+            return None
+        if self._replay:
+            if cls is po.Commit or cls is po.Prepare:
+                self._replay = False
+                return (Finished(None, True, False) if cls is po.Commit
+                        else Prepared(msg.gid))
+            return None
+        if cls is po.Commit:
+            return await self._commit(msg)
+        if cls is po.Prepare:
+            return await self._prepare(msg)
+        if cls is po.CommitPrepared:
+            return await self._finish_prepared(msg.gid, True, msg.end_lsn, msg.commit_ts)
+        if cls is po.RollbackPrepared:
+            return await self._finish_prepared(msg.gid, False, msg.rollback_end_lsn,
+                                               msg.rollback_ts)
+        if not self._in_txn:
+            if cls is po.Message and not msg.transactional:
+                return None
+            raise ApplyError(f"{cls.__name__} outside a transaction from node {self.peer_id}")
+        if self._failed is not None:
+            return None  # skipping the rest of a failed transaction
+        try:
+            await self._apply_change(msg)
+        except psycopg.Error as e:
+            await self._fail(e.sqlstate or "XX000", str(e).strip())
+        except _MissingRow as e:
+            await self._fail("02000", str(e))
+        return None
+
+    async def _begin(self, gid: str | None) -> None:
+        if self._in_txn:
+            raise ApplyError(f"BEGIN inside a transaction from node {self.peer_id}")
+        await self.conn.execute("BEGIN")
+        self._in_txn = True
+        self._gid = gid
+        self._failed = None
+        self._skip_rows = False
+
+    async def _set_origin_position(self) -> None:
+        await self.conn.execute(
+            "SELECT pg_replication_origin_xact_setup(%s, to_timestamp(%s))",
+            (po.lsn_str(self._commit_lsn), self._commit_ts / 1e6 + 946684800))
+
+    async def _fail(self, sqlstate: str, message: str) -> None:
+        if self._gid is None:
+            await self.conn.execute("ROLLBACK")
+            self._in_txn = False
+            raise ApplyError(f"applying a committed transaction of node {self.peer_id} "
+                             f"failed: {sqlstate} {message}")
+        self._failed = PrepareFailed(self._gid, sqlstate, message)
+        await self.conn.execute("ROLLBACK")
+        # Stay "in" the transaction until its Prepare message arrives.
+
+    async def _commit(self, msg: po.Commit) -> Finished:
+        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
+        await self._set_origin_position()
+        await self.conn.execute("COMMIT")
+        self._in_txn = False
+        return Finished(None, True, True)
+
+    async def _prepare(self, msg: po.Prepare) -> Prepared | PrepareFailed:
+        self._in_txn = False
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            return failed
+        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.prepare_ts
+        try:
+            await self._set_origin_position()
+            await self.conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(msg.gid)))
+        except psycopg.Error as e:
+            # A failed PREPARE rolls the transaction back (PG15-FACTS).
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self.conn.execute("ROLLBACK")
+            return PrepareFailed(msg.gid, e.sqlstate or "XX000", str(e).strip())
+        return Prepared(msg.gid)
+
+    async def _finish_prepared(self, gid: str, commit: bool, end_lsn: int, ts: int) -> Finished:
+        known = await (await self.conn.execute(
+            "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = current_database()",
+            (gid,))).fetchone()
+        if not known:
+            return Finished(gid, commit, False)
+        self._commit_lsn, self._commit_ts = end_lsn, ts
+        await self._set_origin_position()
+        verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
+        await self.conn.execute(sql.SQL(verb + " {}").format(sql.Literal(gid)))
+        return Finished(gid, commit, True)
+
+    # -- row changes --------------------------------------------------------------
+
+    def _rel(self, relid: int) -> po.Relation:
+        rel = self.relations.get(relid)
+        if rel is None:
+            raise ApplyError(f"change for unknown relation {relid} from node {self.peer_id}")
+        return rel
+
+    @staticmethod
+    def _table(rel: po.Relation) -> sql.Composable:
+        return sql.Identifier(rel.namespace, rel.name)
+
+    @staticmethod
+    def _text(v) -> str | None:
+        return None if v is None else v.decode("utf-8")
+
+    def _where(self, rel: po.Relation, tup: po.Tuple, whole_row: bool):
+        conds, args = [], []
+        for col, v in zip(rel.columns, tup.values):
+            if not (whole_row or col.is_key) or v is po.UNCHANGED_TOAST:
+                continue
+            if v is None:
+                conds.append(sql.SQL("{} IS NULL").format(sql.Identifier(col.name)))
+            else:
+                conds.append(sql.SQL("{} = {}").format(sql.Identifier(col.name),
+                                                       sql.Placeholder()))
+                args.append(self._text(v))
+        if not conds:
+            raise ApplyError(f"table {rel.namespace}.{rel.name} has no replica identity: "
+                             "UPDATE/DELETE cannot be replicated")
+        return sql.SQL(" AND ").join(conds), args
+
+    def _locate(self, rel: po.Relation, tup: po.Tuple, whole_row: bool):
+        """A WHERE clause matching exactly one row (the first, for
+        REPLICA IDENTITY FULL tables, as PostgreSQL's own apply does)."""
+        where, args = self._where(rel, tup, whole_row)
+        if whole_row:
+            return sql.SQL("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)").format(
+                self._table(rel), where), args
+        return where, args
+
+    async def _apply_change(self, msg) -> None:
+        cls = msg.__class__
+        c = self.conn
+        if cls is po.Insert:
+            if self._skip_rows:
+                return
+            rel = self._rel(msg.relid)
+            cols = [sql.Identifier(col.name) for col in rel.columns]
+            q = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                self._table(rel), sql.SQL(", ").join(cols),
+                sql.SQL(", ").join(sql.Placeholder() * len(cols)))
+            await c.execute(q, [self._text(v) for v in msg.new.values])
+        elif cls is po.Update:
+            rel = self._rel(msg.relid)
+            full = rel.replica_identity == "f"
+            old = msg.old if msg.old is not None else msg.new
+            sets, args = [], []
+            for col, v in zip(rel.columns, msg.new.values):
+                if v is po.UNCHANGED_TOAST:
+                    continue
+                sets.append(sql.SQL("{} = {}").format(sql.Identifier(col.name), sql.Placeholder()))
+                args.append(self._text(v))
+            where, wargs = self._locate(rel, old, full and msg.old is not None)
+            q = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                self._table(rel), sql.SQL(", ").join(sets), where)
+            cur = await c.execute(q, args + wargs)
+            if cur.rowcount != 1:
+                raise _MissingRow(f"row to update not found in {rel.namespace}.{rel.name} "
+                                  f"(change from node {self.peer_id})")
+        elif cls is po.Delete:
+            rel = self._rel(msg.relid)
+            where, args = self._locate(rel, msg.old, msg.old_kind == "O")
+            cur = await c.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
+                self._table(rel), where), args)
+            if cur.rowcount != 1:
+                raise _MissingRow(f"row to delete not found in {rel.namespace}.{rel.name} "
+                                  f"(change from node {self.peer_id})")
+        elif cls is po.Truncate:
+            tables = sql.SQL(", ").join(self._table(self._rel(r)) for r in msg.relids)
+            q = sql.SQL("TRUNCATE {}").format(tables)
+            if msg.restart_identity:
+                q += sql.SQL(" RESTART IDENTITY")
+            if msg.cascade:
+                q += sql.SQL(" CASCADE")
+            await c.execute(q)
+        elif cls is po.Message:
+            if msg.prefix == DDL_PREFIX:
+                await self._apply_ddl(json.loads(msg.content))
+            elif msg.prefix == DDL_END_PREFIX:
+                self._skip_rows = False
+        else:
+            raise ApplyError(f"unexpected {cls.__name__} from node {self.peer_id}")
+
+    async def _apply_ddl(self, ddl: dict) -> None:
+        c = self.conn
+        await c.execute("SAVEPOINT mtm_ddl")
+        await c.execute("SELECT set_config('search_path', %s, true)", (ddl.get("search_path", ""),))
+        role = ddl.get("role")
+        if role:
+            await c.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+        for name, value in (ddl.get("settings") or {}).items():
+            await c.execute("SELECT set_config(%s, %s, true)", (name, value))
+        await c.execute(ddl["sql"])
+        if role:
+            await c.execute("RESET ROLE")
+        await c.execute("RELEASE SAVEPOINT mtm_ddl")
+        self._skip_rows = bool(ddl.get("makes_rows"))
+
+
+class _MissingRow(Exception):
+    pass

@@ -1,0 +1,238 @@
+"""Node A's slot streamed and applied onto node B, both real PostgreSQL 15
+servers: data ends identical, prepared transactions keep their gid, applied
+transactions carry B's origin for A (so they are never shipped back), and a
+change that cannot be applied fails that transaction's PREPARE with a
+SQLSTATE instead of diverging."""
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from conftest import wait_for
+from proxy.pgserver import LocalPostgres
+from replication import pgoutput as po
+from replication.apply import (Applier, ApplyError, Finished, PrepareFailed, Prepared,
+                               origin_name)
+from replication.stream import SlotStream
+
+SCHEMA = """
+CREATE TABLE acc (id int PRIMARY KEY, owner text, amount bigint, doc text);
+CREATE TABLE full_t (a int, b text);
+ALTER TABLE full_t REPLICA IDENTITY FULL;
+CREATE TABLE kinds (id int PRIMARY KEY, j jsonb, arr int[], ts timestamptz, n numeric,
+                    by bytea, f float8, u uuid);
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(workdir):
+    a = LocalPostgres(workdir / "apply_a", fsync=False).init().start()
+    b = LocalPostgres(workdir / "apply_b", fsync=False).init().start()
+    for s in (a, b):
+        s.psql(SCHEMA)
+    a.psql("CREATE PUBLICATION mm_pub FOR ALL TABLES")
+    yield a, b
+    a.stop("immediate")
+    b.stop("immediate")
+
+
+@pytest.fixture
+def slot(pair):
+    a, b = pair
+    a.psql("SELECT pg_create_logical_replication_slot('to_b', 'pgoutput', false, true)")
+    yield
+    a.psql("SELECT pg_drop_replication_slot('to_b')")
+    for s in (a, b):
+        for (gid,) in psycopg.connect(s.dsn()).execute("SELECT gid FROM pg_prepared_xacts"):
+            s.psql(f"ROLLBACK PREPARED '{gid}'")
+        s.psql("TRUNCATE acc, full_t, kinds")
+        # the applier's backend may still be exiting and holding its origin
+        wait_for(lambda: _try(s, "SELECT pg_replication_origin_drop(roname) "
+                                 "FROM pg_replication_origin"), what="origin released")
+
+
+def _try(s: LocalPostgres, q: str) -> bool:
+    try:
+        s.psql(q)
+        return True
+    except RuntimeError:
+        return False
+
+
+async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
+               until_commits: int = 0):
+    """Stream A's slot into B until the given numbers of plain commits and
+    finished prepared transactions were applied; returns the results."""
+    stream = SlotStream(a.dsn(), "to_b", "mm_pub", status_interval_s=0.2)
+    target = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+    applier = Applier(target, peer_id=1)
+    await applier.setup()
+    results = []
+    await stream.start()
+    commits = finished = 0
+    try:
+        async with asyncio.timeout(30):
+            async for lsn, msg in stream.messages():
+                r = await applier.apply(msg)
+                if r is not None:
+                    results.append(r)
+                if isinstance(r, Finished):
+                    if r.gid is None:
+                        commits += 1
+                    else:
+                        finished += 1
+                    stream.confirm(lsn)
+                if commits >= until_commits and finished >= until_gids_finished:
+                    break
+        return results, await applier.applied_lsn()
+    finally:
+        await stream.close()
+        await target.close()
+
+
+def dump(s: LocalPostgres) -> list:
+    with psycopg.connect(s.dsn()) as c:
+        # rows in PostgreSQL's own text form (NaN == NaN there)
+        return [c.execute(f"SELECT t::text FROM {t} t ORDER BY 1").fetchall()
+                for t in ("acc", "full_t", "kinds")]
+
+
+def test_stream_applies_identically(pair, slot):
+    a, b = pair
+    a.psql("""
+INSERT INTO acc VALUES (1, 'ann', 100, NULL), (2, 'bob', 50, repeat('t', 100000));
+UPDATE acc SET amount = amount - 10 WHERE id = 1;
+UPDATE acc SET amount = 7 WHERE id = 2;          -- TOAST column unchanged
+UPDATE acc SET id = 3 WHERE id = 1;              -- key change
+INSERT INTO full_t VALUES (1, 'x'), (1, 'x'), (2, NULL);
+UPDATE full_t SET b = 'y' WHERE a = 2;
+DELETE FROM full_t WHERE a = 1 AND ctid = (SELECT min(ctid) FROM full_t WHERE a = 1);
+INSERT INTO kinds VALUES (1, '{"k": [1, {"x": null}]}', '{1,NULL,3}', '2024-01-01 10:00+03',
+    1.500, '\\x00ff', 'NaN', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11');
+INSERT INTO kinds (id, n) VALUES (2, -0.0000001);
+""")
+    # psql -c runs the whole string as one implicit transaction
+    results, applied = asyncio.run(pump(a, b, until_commits=1))
+    assert dump(a) == dump(b)
+    assert applied > 0
+    # B marked what it applied with A's origin: B's own slot would skip it
+    b.psql("CREATE PUBLICATION mm_pub FOR ALL TABLES")
+    b.psql("SELECT pg_create_logical_replication_slot('probe', 'pgoutput', false, true)")
+    b.psql("INSERT INTO acc VALUES (99, 'local on b', 0, NULL)")
+    with psycopg.connect(b.dsn(), autocommit=True) as c:
+        rows = c.execute("SELECT data FROM pg_logical_slot_get_binary_changes('probe', NULL, "
+                         "NULL, 'proto_version', '3', 'publication_names', 'mm_pub')").fetchall()
+        c.execute("SELECT pg_drop_replication_slot('probe')")
+        c.execute("DROP PUBLICATION mm_pub")
+        c.execute("DELETE FROM acc WHERE id = 99")
+    assert not any(isinstance(po.decode(bytes(r[0])), po.Origin) for r in rows)
+    origin = psycopg.connect(b.dsn()).execute(
+        "SELECT remote_lsn FROM pg_replication_origin_status s JOIN pg_replication_origin o "
+        "ON o.roident = s.local_id WHERE roname = %s", (origin_name(1),)).fetchone()
+    assert origin is not None and po.parse_lsn(origin[0]) == applied
+
+
+def test_prepared_transactions_keep_their_gid(pair, slot):
+    a, b = pair
+    with psycopg.connect(a.dsn(), autocommit=True) as c:
+        for gid, verb in (("MTM-1-1-1", "COMMIT"), ("MTM-1-1-2", "ROLLBACK")):
+            c.execute("BEGIN")
+            c.execute("INSERT INTO acc VALUES (%s, %s, 1, NULL)", (len(gid) + int(gid[-1]), gid))
+            c.execute(f"PREPARE TRANSACTION '{gid}'")
+        # a nextval-only prepared transaction: a lone COMMIT PREPARED
+        c.execute("CREATE SEQUENCE IF NOT EXISTS sq")
+        c.execute("BEGIN")
+        c.execute("SELECT nextval('sq')")
+        c.execute("PREPARE TRANSACTION 'MTM-1-1-3'")
+        c.execute("COMMIT PREPARED 'MTM-1-1-3'")
+
+        async def run():
+            task = asyncio.create_task(pump(a, b, until_gids_finished=3))
+            # B must hold both gids prepared before A decides
+            def prepared_on_b():
+                return {g for (g,) in psycopg.connect(b.dsn()).execute(
+                    "SELECT gid FROM pg_prepared_xacts")}
+            async with asyncio.timeout(20):
+                while prepared_on_b() != {"MTM-1-1-1", "MTM-1-1-2"}:
+                    await asyncio.sleep(0.05)
+            c.execute("COMMIT PREPARED 'MTM-1-1-1'")
+            c.execute("ROLLBACK PREPARED 'MTM-1-1-2'")
+            return await task
+        results, _ = asyncio.run(run())
+    assert Prepared("MTM-1-1-1") in results and Prepared("MTM-1-1-2") in results
+    assert Finished("MTM-1-1-1", True, True) in results
+    assert Finished("MTM-1-1-2", False, True) in results
+    assert Finished("MTM-1-1-3", True, False) in results   # unknown gid: ignored
+    assert dump(a) == dump(b)
+
+
+def test_unapplicable_change_fails_the_prepare(pair, slot):
+    a, b = pair
+    a.psql("INSERT INTO acc VALUES (5, 'five', 5, NULL)")
+    asyncio.run(pump(a, b, until_commits=1))
+    b.psql("DELETE FROM acc WHERE id = 5")           # B diverged (e.g. a local table)
+    with psycopg.connect(a.dsn(), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("UPDATE acc SET amount = 6 WHERE id = 5")
+        c.execute("INSERT INTO acc VALUES (6, 'six', 6, NULL)")
+        c.execute("PREPARE TRANSACTION 'MTM-1-1-4'")
+        results, _ = asyncio.run(_until_vote(a, b))
+        c.execute("ROLLBACK PREPARED 'MTM-1-1-4'")
+    [vote] = [r for r in results if isinstance(r, (Prepared, PrepareFailed))]
+    assert isinstance(vote, PrepareFailed) and vote.sqlstate == "02000"
+    assert "row to update not found in public.acc" in vote.message
+    # nothing of it stayed on B, and B is not left inside a transaction
+    assert psycopg.connect(b.dsn()).execute(
+        "SELECT count(*) FROM acc WHERE id = 6").fetchone() == (0,)
+
+
+async def _until_vote(a, b, slot: str = "to_b"):
+    """Apply A's slot onto B until the first vote (prepared or failed)."""
+    stream = SlotStream(a.dsn(), slot, "mm_pub", status_interval_s=0.2)
+    target = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+    applier = Applier(target, peer_id=1)
+    await applier.setup()
+    await stream.start()
+    results = []
+    try:
+        async with asyncio.timeout(30):
+            async for lsn, msg in stream.messages():
+                r = await applier.apply(msg)
+                if r is not None:
+                    results.append(r)
+                if isinstance(r, (Prepared, PrepareFailed)):
+                    return results, 0
+    finally:
+        await stream.close()
+        await target.close()
+
+
+def test_replayed_transactions_are_skipped(pair, slot):
+    """A stream restarted from an old position resends transactions B has
+    already applied: the applier recognises them by its origin's progress."""
+    a, b = pair
+    a.psql("SELECT pg_create_logical_replication_slot('replay', 'pgoutput', false, true)")
+    a.psql("INSERT INTO acc VALUES (30, 'once', 1, NULL)")
+    with psycopg.connect(a.dsn(), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("INSERT INTO acc VALUES (31, 'prepared once', 1, NULL)")
+        c.execute("PREPARE TRANSACTION 'MTM-1-1-30'")
+        asyncio.run(_until_vote(a, b))
+        # the same transactions again, from a slot that never moved
+        results, _ = asyncio.run(_until_vote(a, b, slot="replay"))
+        c.execute("COMMIT PREPARED 'MTM-1-1-30'")
+    a.psql("SELECT pg_drop_replication_slot('replay')")
+    assert Finished(None, True, False) in results    # the plain commit: skipped
+    assert Prepared("MTM-1-1-30") in results         # already prepared here
+    asyncio.run(pump(a, b, until_gids_finished=1))
+    assert dump(a)[0] == dump(b)[0]
+
+
+def test_committed_transaction_that_cannot_apply_is_an_error(pair, slot):
+    a, b = pair
+    b.psql("INSERT INTO acc VALUES (8, 'already on b', 0, NULL)")
+    a.psql("INSERT INTO acc VALUES (8, 'conflict', 0, NULL)")
+    with pytest.raises(ApplyError, match="applying a committed transaction of node 1 failed: 23505"):
+        asyncio.run(pump(a, b, until_commits=1))

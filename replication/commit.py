@@ -1,0 +1,424 @@
+"""The atomic commit protocol (3PC over PREPARE TRANSACTION): pure cores.
+
+What this module owns: the coordinator (the node whose client committed)
+and the participant (every other member) as state machines that take
+events and time and return actions; no I/O, clocks or randomness. The
+shells (proxy sessions, the applier, the inter-node link) carry the actions
+out *in order* - a ``Persist`` before the ``Send`` that follows it, as in
+etcd-raft's Ready/Advance.
+
+The protocol (mmts doc/multimaster.xml; Gray & Lamport, "Consensus on
+Transaction Commit"):
+
+1. The coordinator PREPAREs the transaction locally with gid
+   ``MTM-<node>-<generation>-<seq>``. The PREPARE reaches every member
+   through logical decoding, *in WAL order*; each member applies it,
+   prepares the same gid and votes (``Vote``: ok, or its SQLSTATE/message).
+2. When every member of the transaction's generation voted ok, the
+   coordinator records PRECOMMIT durably (``Persist``) and asks the members
+   to do the same (``Precommit``). A majority of the *configured* nodes,
+   itself included, makes the decision final: ``CommitLocal``.
+3. COMMIT PREPARED reaches the members through the stream (in WAL order, so
+   a later transaction that depends on this one never overtakes it); each
+   acknowledges (``CommitAck``). By default the client hears COMMIT only
+   when every member has committed (``wait_peer_commits``).
+- Any failed vote, a generation switch, or no votes within
+  ``vote_timeout_ms`` before the precommit: ``AbortLocal`` (ROLLBACK
+  PREPARED, which also flows to the members) and the client hears why.
+- After the precommit the outcome is commit, always: the coordinator keeps
+  retransmitting until it is done. (A coordinator that *crashes* after
+  precommitting leaves the gid to the resolver of the recovery layer.)
+- Lost messages are retransmitted every ``retry_ms``: ``VoteRequest`` for
+  missing votes, ``Precommit`` for missing acks, ``Decision`` for missing
+  commit acks. Every handler is idempotent, so duplicates are harmless.
+
+Invariants (``check_invariants``): a transaction is never both committed
+and aborted; ``CommitLocal`` only after a majority of precommits;
+``Reply(committed=True)`` only after the local commit (and, with
+``wait_peer_commits``, every member's).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# SQLSTATEs the client sees when the protocol aborts its transaction.
+SERIALIZATION_FAILURE = "40001"
+TRANSACTION_ROLLBACK = "40000"
+# A member's failure that means "another transaction holds what I need":
+# the client gets 40001, as mmts reports global deadlocks and conflicts.
+CONFLICT_STATES = frozenset({"55P03", "40P01", "40001"})
+
+_GID_RE = re.compile(r"^MTM-(\d+)-(\d+)-(\d+)$")
+
+
+def make_gid(node_id: int, generation: int, seq: int) -> str:
+    return f"MTM-{node_id}-{generation}-{seq}"
+
+
+def parse_gid(gid: str) -> tuple[int, int, int] | None:
+    """(origin node, generation, sequence) of an mmproxy gid, else None."""
+    m = _GID_RE.match(gid)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+@dataclass(frozen=True)
+class Generation:
+    num: int
+    members: frozenset[int]
+    configured: frozenset[int]
+
+    @property
+    def majority(self) -> int:
+        return len(self.configured) // 2 + 1
+
+
+# --- messages between nodes ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Vote:
+    gid: str
+    sender: int
+    ok: bool
+    sqlstate: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    gid: str
+    sender: int
+
+
+@dataclass(frozen=True)
+class Precommit:
+    gid: str
+    sender: int
+
+
+@dataclass(frozen=True)
+class PrecommitAck:
+    gid: str
+    sender: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome, retransmitted to members whose commit ack is missing."""
+    gid: str
+    sender: int
+    commit: bool
+
+
+@dataclass(frozen=True)
+class CommitAck:
+    gid: str
+    sender: int
+
+
+# --- actions for the shells --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Send:
+    to: int
+    msg: object
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Record durably that ``gid`` is precommitted here, before going on."""
+    gid: str
+
+
+@dataclass(frozen=True)
+class CommitLocal:
+    gid: str
+
+
+@dataclass(frozen=True)
+class AbortLocal:
+    gid: str
+
+
+@dataclass(frozen=True)
+class FinishLocal:
+    """Participant: COMMIT/ROLLBACK PREPARED ``gid`` here now (a decision
+    reached us before the stream did)."""
+    gid: str
+    commit: bool
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Tell the client: committed, or aborted with SQLSTATE and message."""
+    gid: str
+    committed: bool
+    sqlstate: str = ""
+    message: str = ""
+
+
+class ProtocolInvariantError(AssertionError):
+    pass
+
+
+# --- coordinator -------------------------------------------------------------------
+
+VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE = (
+    "voting", "precommitting", "committing", "waiting_acks", "aborting", "done")
+
+
+@dataclass
+class _CoordTxn:
+    gid: str
+    generation: Generation
+    started_ms: int
+    state: str = VOTING
+    votes: dict = field(default_factory=dict)          # node -> Vote
+    precommit_acks: set = field(default_factory=set)
+    commit_acks: set = field(default_factory=set)
+    last_retry_ms: int = 0
+    reply: Reply | None = None
+    committed_local: bool = False
+    aborted_local: bool = False
+
+    @property
+    def peers(self) -> frozenset[int]:
+        return self.generation.members
+
+
+class Coordinator:
+    def __init__(self, node_id: int, generation: Generation, *, vote_timeout_ms: int = 5000,
+                 retry_ms: int = 200, wait_peer_commits: bool = True):
+        self.node_id = node_id
+        self.generation = generation
+        self.vote_timeout_ms = vote_timeout_ms
+        self.retry_ms = retry_ms
+        self.wait_peer_commits = wait_peer_commits
+        self.txns: dict[str, _CoordTxn] = {}
+
+    def _peers(self, t: _CoordTxn) -> frozenset[int]:
+        return t.generation.members - {self.node_id}
+
+    def start(self, gid: str, now_ms: int) -> list:
+        """The local PREPARE of ``gid`` succeeded."""
+        assert gid not in self.txns, gid
+        t = self.txns[gid] = _CoordTxn(gid, self.generation, now_ms, last_retry_ms=now_ms)
+        return self._maybe_precommit(t)
+
+    def receive(self, msg, now_ms: int) -> list:
+        t = self.txns.get(msg.gid)
+        if t is None or msg.sender not in self._peers(t):
+            return []
+        cls = msg.__class__
+        if cls is Vote:
+            if t.state != VOTING or msg.sender in t.votes:
+                return []
+            t.votes[msg.sender] = msg
+            if not msg.ok:
+                return self._abort(t, *self._client_error(msg))
+            return self._maybe_precommit(t)
+        if cls is PrecommitAck:
+            if t.state != PRECOMMITTING:
+                return []
+            t.precommit_acks.add(msg.sender)
+            return self._maybe_commit(t)
+        if cls is CommitAck:
+            t.commit_acks.add(msg.sender)
+            return self._maybe_reply(t)
+        return []
+
+    def _client_error(self, v: Vote) -> tuple[str, str]:
+        if v.sqlstate in CONFLICT_STATES:
+            return (SERIALIZATION_FAILURE,
+                    f"could not serialize access: the transaction conflicts with a concurrent "
+                    f"transaction on node {v.sender} ({v.sqlstate}: {v.message})")
+        return (v.sqlstate or TRANSACTION_ROLLBACK,
+                f"transaction aborted: node {v.sender} could not apply it: {v.message}")
+
+    def _maybe_precommit(self, t: _CoordTxn) -> list:
+        if t.state != VOTING or len(t.votes) < len(self._peers(t)):
+            return []
+        t.state = PRECOMMITTING
+        t.precommit_acks.add(self.node_id)   # counted once Persist is carried out (in order)
+        out: list = [Persist(t.gid)]
+        out += [Send(p, Precommit(t.gid, self.node_id)) for p in sorted(self._peers(t))]
+        return out + self._maybe_commit(t)
+
+    def _maybe_commit(self, t: _CoordTxn) -> list:
+        if t.state != PRECOMMITTING or len(t.precommit_acks) < t.generation.majority:
+            return []
+        t.state = COMMITTING
+        return [CommitLocal(t.gid)]
+
+    def local_done(self, gid: str, committed: bool, now_ms: int) -> list:
+        """CommitLocal/AbortLocal was carried out."""
+        t = self.txns[gid]
+        if committed:
+            assert t.state == COMMITTING
+            t.committed_local = True
+            t.state = WAITING_ACKS
+            t.last_retry_ms = now_ms
+            return self._maybe_reply(t)
+        assert t.state == ABORTING
+        t.aborted_local = True
+        t.state = DONE
+        return [t.reply]
+
+    def _maybe_reply(self, t: _CoordTxn) -> list:
+        if t.state != WAITING_ACKS:
+            return []
+        if self.wait_peer_commits and not self._peers(t) <= t.commit_acks:
+            return []
+        t.state = DONE
+        t.reply = Reply(t.gid, True)
+        return [t.reply]
+
+    def _abort(self, t: _CoordTxn, sqlstate: str, message: str) -> list:
+        assert t.state == VOTING, "after the precommit the outcome is commit"
+        t.state = ABORTING
+        t.reply = Reply(t.gid, False, sqlstate, message)
+        return [AbortLocal(t.gid)]
+
+    def generation_changed(self, gen: Generation, now_ms: int) -> list:
+        self.generation = gen
+        out = []
+        for t in self.txns.values():
+            if t.state == VOTING and t.generation.num != gen.num:
+                out += self._abort(t, TRANSACTION_ROLLBACK,
+                                   "transaction aborted because the cluster switched to "
+                                   f"generation {gen.num} while it was being prepared")
+        return out
+
+    def tick(self, now_ms: int) -> list:
+        out: list = []
+        for t in self.txns.values():
+            if t.state == VOTING and now_ms - t.started_ms >= self.vote_timeout_ms:
+                missing = sorted(self._peers(t) - set(t.votes))
+                out += self._abort(t, TRANSACTION_ROLLBACK,
+                                   f"transaction aborted: no answer from node(s) "
+                                   f"{', '.join(map(str, missing))} within {self.vote_timeout_ms} ms")
+                continue
+            if now_ms - t.last_retry_ms < self.retry_ms:
+                continue
+            if t.state == VOTING:
+                t.last_retry_ms = now_ms
+                out += [Send(p, VoteRequest(t.gid, self.node_id))
+                        for p in sorted(self._peers(t) - set(t.votes))]
+            elif t.state == PRECOMMITTING:
+                t.last_retry_ms = now_ms
+                out += [Send(p, Precommit(t.gid, self.node_id))
+                        for p in sorted(self._peers(t) - t.precommit_acks)]
+            elif t.state == WAITING_ACKS:
+                t.last_retry_ms = now_ms
+                out += [Send(p, Decision(t.gid, self.node_id, True))
+                        for p in sorted(self._peers(t) - t.commit_acks)]
+        return out
+
+    def forget(self, gid: str) -> None:
+        """The client has its answer; drop the state (retransmissions for a
+        forgotten gid are ignored by the participants' idempotent handlers)."""
+        t = self.txns.get(gid)
+        if t is not None and t.state == DONE:
+            del self.txns[gid]
+
+    def check_invariants(self) -> None:
+        for t in self.txns.values():
+            if t.committed_local and t.aborted_local:
+                raise ProtocolInvariantError(f"{t.gid} both committed and aborted")
+            if t.state in (COMMITTING, WAITING_ACKS) or t.committed_local:
+                if len(t.precommit_acks) < t.generation.majority:
+                    raise ProtocolInvariantError(f"{t.gid} committed without a majority")
+            if t.reply is not None and t.reply.committed:
+                if not t.committed_local:
+                    raise ProtocolInvariantError(f"{t.gid} reported before the local commit")
+                if self.wait_peer_commits and not self._peers(t) <= t.commit_acks:
+                    raise ProtocolInvariantError(f"{t.gid} reported before the members")
+
+
+# --- participant ---------------------------------------------------------------------
+
+@dataclass
+class _PartTxn:
+    gid: str
+    coordinator: int
+    vote: Vote | None = None
+    precommitted: bool = False
+    finished: bool | None = None      # True committed, False rolled back
+    finishing: bool = False           # FinishLocal issued, not yet done
+
+
+class Participant:
+    """One member's view of the transactions other nodes coordinate."""
+
+    def __init__(self, node_id: int, generation: Generation, *, max_finished: int = 100_000):
+        self.node_id = node_id
+        self.generation = generation
+        self.txns: dict[str, _PartTxn] = {}
+        self.max_finished = max_finished
+        self._finished_order: list[str] = []
+
+    def _txn(self, gid: str) -> _PartTxn | None:
+        t = self.txns.get(gid)
+        if t is None:
+            parsed = parse_gid(gid)
+            if parsed is None or parsed[0] == self.node_id:
+                return None
+            t = self.txns[gid] = _PartTxn(gid, parsed[0])
+        return t
+
+    def applied(self, gid: str, ok: bool, sqlstate: str = "", message: str = "") -> list:
+        """The applier prepared ``gid`` (ok) or failed to."""
+        t = self._txn(gid)
+        if t is None:
+            return []
+        gen = parse_gid(gid)[1]
+        if ok and gen != self.generation.num:
+            # mmts: a node of generation N does not take part in older ones.
+            ok, sqlstate = False, TRANSACTION_ROLLBACK
+            message = (f"refusing transaction of generation {gen}: node {self.node_id} is in "
+                       f"generation {self.generation.num}")
+        if t.vote is None:
+            t.vote = Vote(gid, self.node_id, ok, sqlstate, message)
+        return [Send(t.coordinator, t.vote)]
+
+    def receive(self, msg) -> list:
+        t = self._txn(msg.gid)
+        if t is None or msg.sender != t.coordinator:
+            return []
+        cls = msg.__class__
+        if cls is VoteRequest:
+            return [Send(t.coordinator, t.vote)] if t.vote is not None else []
+        if cls is Precommit:
+            if t.finished is not None or t.vote is None or not t.vote.ok:
+                return []
+            out: list = [] if t.precommitted else [Persist(t.gid)]
+            t.precommitted = True
+            return out + [Send(t.coordinator, PrecommitAck(t.gid, self.node_id))]
+        if cls is Decision:
+            if t.finished is not None:
+                return [Send(t.coordinator, CommitAck(t.gid, self.node_id))] \
+                    if t.finished else []
+            if t.vote is not None and t.vote.ok and not t.finishing:
+                t.finishing = True
+                return [FinishLocal(t.gid, msg.commit)]
+        return []
+
+    def finished(self, gid: str, committed: bool) -> list:
+        """COMMIT/ROLLBACK PREPARED of ``gid`` was done here (from the stream
+        or after a FinishLocal)."""
+        t = self._txn(gid)
+        if t is None:
+            return []
+        if t.finished is not None and t.finished != committed:
+            raise ProtocolInvariantError(f"{gid} finished both ways on node {self.node_id}")
+        first = t.finished is None
+        t.finished = committed
+        t.finishing = False
+        if first:
+            self._finished_order.append(gid)
+            while len(self._finished_order) > self.max_finished:
+                self.txns.pop(self._finished_order.pop(0), None)
+        return [Send(t.coordinator, CommitAck(gid, self.node_id))] if committed else []
+
+    def generation_changed(self, gen: Generation) -> None:
+        self.generation = gen

@@ -2,6 +2,7 @@
 
   mmproxy --config node1.toml        run one node's proxy
   mmproxy check-config node1.toml    validate a configuration file and exit
+  mmproxy init-cluster --config F    set this node's PostgreSQL up for the cluster
   mmproxy demo [--nodes N] [--dir D] start a local cluster of real PostgreSQL
                                      servers with a proxy in front of each
 """
@@ -39,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the effective settings, or the first error.")
     c.add_argument("file", help="path of the TOML file")
 
+    i = sub.add_parser(
+        "init-cluster", help="set this node's PostgreSQL up for the cluster",
+        description="Check this node's PostgreSQL settings (wal_level, "
+                    "max_prepared_transactions, max_replication_slots, max_wal_senders) and "
+                    "create what replication needs: schema mtm, publication mtm_pub, a "
+                    "logical slot and a replication origin per peer, and the safety nets. "
+                    "Run it once on every node; running it again is harmless. Running "
+                    "proxies switch to cluster mode within a second.")
+    i.add_argument("--config", required=True, metavar="FILE", help="this node's configuration")
+
     d = sub.add_parser(
         "demo", help="start a local cluster on real PostgreSQL servers",
         description="Create a local cluster under one directory: N PostgreSQL 15 "
@@ -69,6 +80,28 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.file}: OK")
         print(cfg)
+        return 0
+    if args.command == "init-cluster":
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"mmproxy: {e}", file=sys.stderr)
+            return 1
+        import asyncio
+
+        from replication.cluster import init_local_node
+        try:
+            problems = asyncio.run(init_local_node(cfg))
+        except Exception as e:  # psycopg.OperationalError and friends
+            print(f"mmproxy init-cluster: {e}", file=sys.stderr)
+            return 1
+        if problems:
+            print(f"mmproxy init-cluster: node {cfg.node.id} is not ready:", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            return 1
+        print(f"node {cfg.node.id}: initialized for a cluster of nodes "
+              f"{sorted([cfg.node.id] + [p.id for p in cfg.peers])}")
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -12,6 +12,7 @@ their grace period) and then the servers (fast shutdown).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,6 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from config import load_config
+from replication.cluster import init_local_node
 
 from .pgserver import LocalPostgres, PgToolsMissing
 
@@ -118,12 +122,18 @@ def run_demo(nodes: int, base_dir: str, base_port: int, keep: bool, log_level: s
             cfg = base / f"node{i}.toml"
             cfg.write_text(node_config(i, nodes, base_port, pg, base / f"node{i}.proxy.log")
                            .replace('level = "info"', f'level = "{log_level}"'))
+            if nodes > 1:
+                problems = asyncio.run(init_local_node(load_config(cfg)))
+                if problems:
+                    raise RuntimeError(f"node{i}: " + "; ".join(problems))
             proxies.append(subprocess.Popen(
                 [sys.executable, "-m", "proxy.cli", "--config", str(cfg)],
                 cwd=Path(__file__).resolve().parent.parent))
         for i, proc in enumerate(proxies, start=1):
             wait_port(base_port + i, 30, proc)
-        print(f"\nmmproxy demo cluster is up: {nodes} node(s) under {base}\n")
+        kind = "a replicated cluster: write on any node, read on all" if nodes > 1 \
+            else "a single node"
+        print(f"\nmmproxy demo cluster is up: {nodes} node(s) under {base}, {kind}\n")
         for i in range(1, nodes + 1):
             print(f"  node{i}: psql -h 127.0.0.1 -p {base_port + i} -U postgres postgres"
                   f"    (config {base}/node{i}.toml, log {base}/node{i}.proxy.log)")

@@ -30,8 +30,8 @@ from config import NodeConfig
 
 from . import log as mlog
 from . import wire
-from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey, SendClient,
-                      SendServer, Session, StartTLS)
+from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey, RunCommit,
+                      SendClient, SendServer, Session, StartTLS)
 
 TOO_MANY_CONNECTIONS = "53300"
 
@@ -61,6 +61,8 @@ class ProxyServer:
             self.ssl_context = ctx
         self._server: asyncio.AbstractServer | None = None
         self._closed = asyncio.Event()
+        self.node = None                # ReplicationNode once the cluster is initialized
+        self._activation: asyncio.Task | None = None
         self.next_session_id = 1
         self.port: int | None = None
 
@@ -73,6 +75,32 @@ class ProxyServer:
         self.port = self._server.sockets[0].getsockname()[1]
         self.log.info("listening", address=host, port=self.port,
                       postgres=self.cfg.postgres.where(), tls=self.ssl_context is not None)
+        if self.cfg.peers and self.cfg.node.internode_listen:
+            self._activation = asyncio.ensure_future(self._activate_cluster())
+
+    async def _activate_cluster(self) -> None:
+        """Once ``mmproxy init-cluster`` has set the local node up, start
+        replication and route every commit through the cluster protocol."""
+        import psycopg
+
+        from replication.cluster import is_initialized
+        from replication.node import ReplicationNode
+        pg = self.cfg.postgres
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        pg.conninfo(), password=pg.password(), autocommit=True) as conn:
+                    if await is_initialized(conn):
+                        break
+            except psycopg.Error as e:
+                self.log.debug("cluster_check_failed", error=str(e))
+            await asyncio.sleep(1)
+        node = ReplicationNode(self.cfg)
+        await node.start()
+        self.node = node
+        for conn in self.sessions:
+            conn.core.set_cluster(True, node.next_gid)
+        self.log.info("cluster_mode_on", sessions=len(self.sessions))
 
     async def open_backend(self, factory: Callable[[], asyncio.Protocol]):
         pg = self.cfg.postgres
@@ -105,6 +133,8 @@ class ProxyServer:
         grace_ms = self.cfg.timeouts.shutdown_grace_ms if grace_ms is None else grace_ms
         if self._server is not None:
             self._server.close()
+        if self._activation is not None:
+            self._activation.cancel()
         self.log.info("shutdown_started", sessions=len(self.sessions), grace_ms=grace_ms)
         for conn in list(self.sessions):
             conn.core.request_shutdown()
@@ -122,6 +152,8 @@ class ProxyServer:
             if not self.sessions:
                 break
             await asyncio.sleep(0.025)
+        if self.node is not None:
+            await self.node.stop()
         self._closed.set()
         self.log.info("shutdown_complete")
 
@@ -140,6 +172,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.core = Session(tls_available=server.ssl_context is not None,
                             proxy_secret=secrets.randbits(31))
+        if server.node is not None:
+            self.core.set_cluster(True, server.node.next_gid)
         self.transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
         self.sid = server.next_session_id
@@ -234,8 +268,20 @@ class ClientConnection(asyncio.Protocol):
                 asyncio.ensure_future(self.server.send_cancel(eff.pid, eff.secret))
             elif cls is StartTLS:
                 asyncio.ensure_future(self._start_tls())
+            elif cls is RunCommit:
+                asyncio.ensure_future(self._run_commit(eff.gid))
             else:  # pragma: no cover - a new effect without a handler
                 raise AssertionError(f"unhandled effect {eff!r}")
+
+    async def _run_commit(self, gid: str) -> None:
+        reply = await self.server.node.commit(gid)
+        if reply.committed:
+            self.log.debug("commit", session=self.sid, gid=gid)
+        else:
+            self.log.info("commit_aborted", session=self.sid, gid=gid, sqlstate=reply.sqlstate,
+                          message=reply.message)
+        self.core.commit_outcome(reply.committed, reply.sqlstate, reply.message)
+        self.run_effects()
 
     async def _start_tls(self) -> None:
         self.transport.write(b"S")

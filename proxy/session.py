@@ -29,9 +29,10 @@ carries out what it returns. The rules it keeps:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
-from . import wire
+from . import intercept, wire
 from .wire import Framer, Message, ProtocolViolation
 
 # SQLSTATEs the proxy itself raises (PostgreSQL Appendix A).
@@ -90,6 +91,13 @@ class RegisterCancelKey:
 
 
 @dataclass(frozen=True)
+class RunCommit:
+    """``gid`` is prepared on the local node: run the cluster commit
+    protocol and call ``Session.commit_outcome`` with the result."""
+    gid: str
+
+
+@dataclass(frozen=True)
 class Close:
     """Close both connections. ``reason`` is logged; ``sqlstate`` is set
     when the close is due to an error the proxy raised or relayed."""
@@ -124,7 +132,7 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error", "_zseen")
+        "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -150,6 +158,10 @@ class Session:
         self._counted = 0          # self._cf.boundaries already added to pending_syncs
         self._drain_error = ""
         self._zseen = 0            # self._sf.peeked already applied
+        self.cluster = False       # commits go through the cluster protocol
+        self.next_gid: Callable[[], str] | None = None
+        self._flow: _Flow | None = None
+        self._held = b""           # client bytes held while a flow runs
 
     # -- helpers -------------------------------------------------------------
 
@@ -172,11 +184,28 @@ class Session:
                 and self.pending_syncs == 0 and self._cf.at_boundary
                 and self._sf.at_boundary)
 
+    def _ready_client_framer(self) -> Framer:
+        inspect = _READY_CLIENT_INSPECT | {_Q} if self.cluster else _READY_CLIENT_INSPECT
+        count = (_SYNC,) if self.cluster else (_Q, _SYNC)
+        return Framer(inspect, frontend=True, allowed=_READY_CLIENT_ALLOWED,
+                      max_inspect_len=wire.MAX_MESSAGE_LEN, count=count)
+
+    def set_cluster(self, on: bool, next_gid: Callable[[], str] | None = None) -> None:
+        """Turn commit interception on: from now on every Query is looked at
+        (intercept.classify) and writes go through the commit protocol."""
+        self.cluster = on
+        self.next_gid = next_gid
+        if self._auth_ok:
+            self._cf = self._ready_client_framer().carry_from(self._cf)
+            self._counted = 0
+
     # -- client side ---------------------------------------------------------
 
     def client_bytes(self, data: bytes) -> bytes | None:
         """Bytes from the client. Returns what to send to the backend."""
         phase = self.phase
+        if self._flow is not None and phase is Phase.READY:
+            return self._flow_client_bytes(data)
         try:
             if phase is Phase.READY:
                 # Hot path, inlined: complete messages, none inspected.
@@ -229,14 +258,20 @@ class Session:
 
     def _client_ready_items(self, items: list) -> bytes | None:
         out = []
-        for it in items:
-            if it.__class__ is Message:
+        for i, it in enumerate(items):
+            if it.__class__ is not Message:
+                out.append(it)
+            elif it.type == _Q:
+                fwd = self._on_query(it, items[i + 1:])
+                if fwd is None:
+                    break           # a flow took over; the rest is held
+                out.append(fwd)
+            else:
                 # Terminate: forward it, then close both sides.
                 out.append(it.raw)
                 self.effects.append(Close("client terminated"))
                 self.phase = Phase.CLOSED
                 break
-            out.append(it)
         return b"".join(out) if out else None
 
     def _client_auth(self, data: bytes) -> bytes | None:
@@ -362,6 +397,8 @@ class Session:
             if phase is Phase.AUTH:
                 return self._server_auth(items)
             return None  # closed: drop
+        if self._flow is not None and self._flow.final != "deferred":
+            return self._flow_server(items)
         if sf.peeked != self._zseen:
             # ReadyForQuery seen: a statement cycle ended.
             done = sf.peeked - self._zseen
@@ -370,6 +407,11 @@ class Session:
             self.txn_status = _TXN_STATUS.get(sf.last_peek, self.txn_status)
             if phase is Phase.DRAINING or self.shutting_down:
                 return self._after_cycle(items)
+            if self._flow is not None and self.pending_syncs == 0:
+                out = self._join_ready(items) if len(items) > 1 or items[0].__class__ is \
+                    Message else items[0]
+                self._resume_deferred()
+                return out
         if len(items) == 1 and items[0].__class__ is not Message:
             return items[0]
         return self._join_ready(items)
@@ -421,9 +463,7 @@ class Session:
                     # From here on the client may send queries (it may
                     # pipeline them before the server's ReadyForQuery).
                     self._auth_ok = True
-                    self._cf = Framer(_READY_CLIENT_INSPECT, frontend=True,
-                                      allowed=_READY_CLIENT_ALLOWED, max_inspect_len=4,
-                                      count=(_Q, _SYNC)).carry_from(self._cf)
+                    self._cf = self._ready_client_framer().carry_from(self._cf)
                     self._counted = 0
                 out.append(it.raw)
             elif t == _K:
@@ -446,6 +486,210 @@ class Session:
                     self.server_params[ps.name] = ps.value
                 out.append(it.raw)
         return b"".join(out) if out else None
+
+
+    # -- cluster commit interception (simple protocol) ---------------------------
+    #
+    # A flow runs the proxy's own statements on the session's backend around
+    # the client's Query: BEGIN (+ DDL capture), the client's Query, the
+    # xid check, PREPARE TRANSACTION, then RunCommit; the client sees only
+    # the answers to its own Query and one ReadyForQuery at the end. While
+    # a flow runs, client bytes are held (COPY data of the client's own
+    # Query excepted) and replayed when it ends.
+
+    def _on_query(self, m: Message, rest: list) -> bytes | None:
+        """A client Query in cluster mode: forward it (returns its bytes) or
+        start a flow (returns None; ``rest`` is held)."""
+        if self.pending_syncs or not self._sf.at_boundary:
+            # Answers to earlier messages are still coming: hold this Query
+            # and everything after it until they are in.
+            self._hold_from(m, rest)
+            self._flow = _Flow(raw=m.raw, plan=None, steps=[], final="deferred")
+            return None
+        sql = m.body[:-1].decode("utf-8", "replace")
+        plan = intercept.classify(sql)
+        status = self.txn_status
+        kind = plan.kind
+        if kind == intercept.REFUSE:
+            self._hold_from(None, rest)
+            self.effects.append(SendClient(
+                wire.error_response(FEATURE_NOT_SUPPORTED, plan.reason)
+                + wire.ReadyForQuery(b"E" if status != b"I" else b"I").encode()))
+            if status != b"I":
+                self.txn_status = b"E"
+            self._release_held()
+            return None
+        steps: list = []
+        if kind == intercept.COMMIT and status == b"T":
+            steps, final = [("xid",)], "commit"
+        elif kind == intercept.WRAP and status == b"I":
+            first = "BEGIN"
+            if plan.ddl:
+                first += "; " + intercept.capture_sql(sql, plan.makes_rows)
+            steps = [("own", first), ("client",)]
+            if plan.makes_rows:
+                steps.append(("own", intercept.DDL_END_SQL))
+            steps.append(("xid",))
+            final = "wrap"
+        elif kind == intercept.WRAP and status == b"T" and plan.ddl:
+            steps = [("own", intercept.capture_sql(sql, plan.makes_rows)), ("client",)]
+            if plan.makes_rows:
+                steps.append(("own", intercept.DDL_END_SQL))
+            final = "relay"
+        else:
+            self.pending_syncs += 1
+            return m.raw
+        self._hold_from(None, rest)
+        self._flow = _Flow(raw=m.raw, plan=plan, steps=steps, final=final)
+        self._sf = Framer(_ALL_BACKEND, frontend=False).carry_from(self._sf)
+        self._flow_advance()
+        return None
+
+    def _hold_from(self, m: Message | None, rest: list) -> None:
+        parts = [m.raw] if m is not None else []
+        parts += [it.raw if it.__class__ is Message else it for it in rest]
+        self._held += b"".join(parts)
+
+    def _flow_client_bytes(self, data: bytes) -> bytes | None:
+        f = self._flow
+        if f.step == ("client",) and not self._held and data[:1] in (b"d", b"c", b"f"):
+            # COPY FROM STDIN of the client's own Query: let it through,
+            # up to the first message that is not COPY data.
+            out = []
+            items = self._cf.feed(data)
+            for i, it in enumerate(items):
+                if it.__class__ is Message or (it[:1] not in (b"d", b"c", b"f") and not out):
+                    self._hold_from(it if it.__class__ is Message else None,
+                                    items[i:] if it.__class__ is not Message else items[i + 1:])
+                    break
+                out.append(it)
+            return b"".join(out) if out else None
+        if len(self._held) + len(data) > wire.MAX_MESSAGE_LEN:
+            self._fail(PROTOCOL_VIOLATION, "too much data pipelined during a commit")
+            return None
+        self._held += data
+        return None
+
+    def _flow_advance(self) -> None:
+        f = self._flow
+        if not f.steps:
+            self._flow_finish(f.pending_error)
+            return
+        f.step = step = f.steps.pop(0)
+        f.rows = []
+        f.error = None
+        if step[0] == "own":
+            self.effects.append(SendServer(wire.Query(step[1]).encode()))
+        elif step[0] == "client":
+            self.effects.append(SendServer(f.raw))
+        elif step[0] == "xid":
+            self.effects.append(SendServer(wire.Query(intercept.XID_CHECK_SQL).encode()))
+        elif step[0] == "prepare":
+            f.gid = self.next_gid()
+            self.effects.append(SendServer(wire.Query(intercept.prepare_sql(f.gid)).encode()))
+
+    def _flow_server(self, items: list) -> bytes | None:
+        """Backend messages while a flow runs (every type inspected)."""
+        f = self._flow
+        out = []
+        for it in items:
+            if self._flow is not f:     # the flow ended mid-read: relay the rest
+                out.append(it.raw if it.__class__ is Message else it)
+                continue
+            t = it.type
+            if f.step == ("client",):
+                if t == _Z:
+                    f.client_status = it.body
+                    self._flow_step_done(it.body)
+                else:
+                    if t == _E:
+                        self._note_error(it)
+                    out.append(it.raw)
+                continue
+            if t == _Z:
+                self._flow_step_done(it.body)
+            elif t == _E:
+                self._note_error(it)
+                f.error = it.raw
+            elif t == ord("D"):
+                f.rows.append(it.decode(frontend=False).values)
+            elif t in (ord("N"), ord("A"), _S):
+                out.append(it.raw)  # notices, notifications, parameter changes: the client's
+        return b"".join(out) if out else None
+
+    def _flow_step_done(self, status: bytes) -> None:
+        f = self._flow
+        step = f.step
+        self.txn_status = status
+        if f.error is not None and step[0] != "client":
+            # One of our own statements failed: the client gets its error,
+            # and a transaction the proxy opened is rolled back first.
+            if f.final == "wrap" and status != b"I" and f.pending_error is None:
+                f.pending_error = f.error
+                f.steps = [("own", "ROLLBACK")]
+                self._flow_advance()
+                return
+            self._flow_finish(f.pending_error or f.error)
+            return
+        if step[0] == "client" and status == b"E":
+            if f.final == "wrap":
+                f.steps = [("own", "ROLLBACK")]
+            else:
+                f.steps = []
+        elif step[0] == "xid":
+            wrote = bool(f.rows) and f.rows[0][0] == b"t"
+            if wrote:
+                f.steps = [("prepare",)]
+            elif f.final == "commit":
+                f.steps = [("client",)]      # nothing to replicate: plain COMMIT
+                f.final = "relay"
+            else:
+                f.steps = [("own", "COMMIT")]
+        elif step[0] == "prepare":
+            self.effects.append(RunCommit(f.gid))
+            f.step = ("outcome",)
+            return
+        self._flow_advance()
+
+    def commit_outcome(self, committed: bool, sqlstate: str = "", message: str = "") -> None:
+        """The cluster decided the flow's transaction."""
+        f = self._flow
+        if f is None or f.step != ("outcome",) or self.phase is not Phase.READY:
+            return
+        self.txn_status = b"I"
+        if committed:
+            self._flow_finish(wire.CommandComplete("COMMIT").encode()
+                              if f.final == "commit" else b"")
+        else:
+            self._flow_finish(wire.error_response(sqlstate, message))
+
+    def _flow_finish(self, extra: bytes | None) -> None:
+        """End the flow: tell the client, restore relaying, replay held bytes."""
+        f = self._flow
+        self._flow = None
+        self._sf = Framer(_READY_SERVER_INSPECT, frontend=False,
+                          peek=_READY_SERVER_PEEK).carry_from(self._sf)
+        self._zseen = 0
+        if f.final == "relay" and extra is None:
+            # The client's own statement answered with its own ReadyForQuery,
+            # which we held back: give it now.
+            msg = wire.ReadyForQuery(self.txn_status).encode()
+        else:
+            msg = (extra or b"") + wire.ReadyForQuery(self.txn_status).encode()
+        self.effects.append(SendClient(msg))
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, b""
+        if held and self.phase is Phase.READY:
+            out = self.client_bytes(held)
+            if out:
+                self.effects.append(SendServer(out))
+
+    def _resume_deferred(self) -> None:
+        """Answers to earlier messages are in: run the held Query now."""
+        self._flow = None
+        self._release_held()
 
     # -- shutdown --------------------------------------------------------------
 
@@ -474,4 +718,22 @@ class Session:
         self.effects.append(SendServer(wire.Terminate().encode()))
         self.effects.append(Close("shutdown", ADMIN_SHUTDOWN))
         self.phase = Phase.CLOSED
+
+
+_ALL_BACKEND = frozenset(t[0] for t in wire.BACKEND_TYPES)
+
+
+@dataclass
+class _Flow:
+    """A commit-interception flow in progress (see Session._on_query)."""
+    raw: bytes                       # the client's Query message
+    plan: object
+    steps: list
+    final: str                       # "commit" | "wrap" | "relay" | "deferred"
+    step: tuple | None = None
+    rows: list = field(default_factory=list)
+    error: bytes | None = None
+    client_status: bytes = b"I"
+    gid: str | None = None
+    pending_error: bytes | None = None
 

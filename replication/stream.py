@@ -101,8 +101,9 @@ class SlotStream:
         await self._flush()
         self._last_status = time.monotonic()
 
-    async def messages(self) -> AsyncIterator[tuple[int, object]]:
-        """Yields (lsn, pgoutput message) until the stream ends."""
+    async def messages(self, with_payload: bool = False) -> AsyncIterator[tuple]:
+        """Yields (lsn, pgoutput message) until the stream ends; with
+        ``with_payload``, (lsn, message, raw payload) to forward as is."""
         pg = self._pg
         while True:
             n, data = pg.get_copy_data(1)
@@ -126,7 +127,10 @@ class SlotStream:
                     await self.send_status()
                 continue
             self.server_end_lsn = max(self.server_end_lsn, m.end_lsn)
-            yield m.start_lsn, po.decode(m.payload)
+            if with_payload:
+                yield m.start_lsn, po.decode(m.payload), m.payload
+            else:
+                yield m.start_lsn, po.decode(m.payload)
 
     async def close(self) -> None:
         if self._pg is not None and self.confirmed_lsn > self.start_lsn:

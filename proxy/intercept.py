@@ -1,0 +1,145 @@
+"""What a client's Query means for the cluster (pure; pglast parses).
+
+``classify(sql)`` says how the proxy must run a simple-protocol Query when
+the node is in a cluster:
+
+- ``COMMIT``: a lone COMMIT/END: intercepted and turned into the commit
+  protocol (PREPARE TRANSACTION + 3PC);
+- ``PASS``: forwarded as it is: reads that cannot write (SELECT without
+  function calls, SHOW, SET, EXPLAIN without ANALYZE, cursor commands...),
+  statements PostgreSQL refuses inside a transaction block (VACUUM, CREATE
+  DATABASE, ALTER SYSTEM, ...), and multi-statement strings that contain
+  their own transaction control (the commit guard stops any write in them
+  from committing outside the protocol);
+- ``WRAP``: anything that may write: run inside BEGIN ... commit protocol;
+- ``REFUSE``: cannot be replicated correctly; answered with 0A000.
+
+``ddl`` is set when the Query holds DDL to ship as text (with ``makes_rows``
+when the statement fills the table itself, e.g. CREATE TABLE AS).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pglast
+from pglast import ast
+
+COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
+
+_LONE_COMMIT = re.compile(r"^\s*(commit|end)(\s+(work|transaction))?\s*;?\s*$", re.I)
+
+# Statements that never write replicated data, or must not be wrapped.
+_PASS_TYPES = (ast.VariableSetStmt, ast.VariableShowStmt, ast.VacuumStmt, ast.CheckPointStmt,
+               ast.ListenStmt, ast.UnlistenStmt, ast.NotifyStmt, ast.DiscardStmt,
+               ast.PrepareStmt, ast.DeallocateStmt, ast.DeclareCursorStmt, ast.FetchStmt,
+               ast.ClosePortalStmt, ast.LoadStmt, ast.CreatedbStmt, ast.DropdbStmt,
+               ast.AlterSystemStmt, ast.AlterDatabaseSetStmt, ast.ReindexStmt,
+               ast.ClusterStmt, ast.LockStmt, ast.ExecuteStmt)
+# Writes to data (shipped as rows, not text).
+_DML_TYPES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.CallStmt, ast.DoStmt,
+              ast.MergeStmt)
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    ddl: bool = False
+    makes_rows: bool = False
+    reason: str = ""
+
+
+def _has_function_call(node) -> bool:
+    for n in _walk(node):
+        if isinstance(n, (ast.FuncCall, ast.SubLink)) or (
+                isinstance(n, ast.SelectStmt) and n.lockingClause):
+            return True
+    return False
+
+
+def _walk(node):
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Node):
+            yield n
+            for name in n.__slots__:
+                stack.append(getattr(n, name, None))
+        elif isinstance(n, (tuple, list)):
+            stack.extend(n)
+
+
+def classify(sql: str) -> Plan:
+    if _LONE_COMMIT.match(sql):
+        return Plan(COMMIT)
+    try:
+        stmts = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return Plan(PASS)   # PostgreSQL reports the syntax error itself
+    if not stmts:
+        return Plan(PASS)
+    kinds = []
+    ddl = makes_rows = False
+    for raw in stmts:
+        s = raw.stmt
+        if isinstance(s, ast.TransactionStmt):
+            if s.chain:
+                return Plan(REFUSE, reason="COMMIT AND CHAIN / ROLLBACK AND CHAIN is not "
+                                           "supported by the cluster")
+            return Plan(PASS)   # the client manages its transaction itself
+        if isinstance(s, ast.IndexStmt) and s.concurrent:
+            return Plan(REFUSE, reason="CREATE INDEX CONCURRENTLY cannot be replicated; "
+                                       "use CREATE INDEX")
+        if isinstance(s, ast.DropStmt) and s.concurrent:
+            return Plan(REFUSE, reason="DROP INDEX CONCURRENTLY cannot be replicated; "
+                                       "use DROP INDEX")
+        if isinstance(s, _PASS_TYPES):
+            kinds.append(PASS)
+        elif isinstance(s, ast.ExplainStmt):
+            analyze = any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
+            kinds.append(WRAP if analyze else PASS)
+        elif isinstance(s, ast.SelectStmt):
+            if s.intoClause is not None:
+                ddl = makes_rows = True
+                kinds.append(WRAP)
+            else:
+                kinds.append(WRAP if _has_function_call(s) else PASS)
+        elif isinstance(s, ast.CopyStmt):
+            kinds.append(WRAP if s.is_from else PASS)
+        elif isinstance(s, _DML_TYPES):
+            kinds.append(WRAP)
+        else:
+            ddl = True
+            if isinstance(s, ast.CreateTableAsStmt):
+                makes_rows = True
+            kinds.append(WRAP)
+    if WRAP in kinds:
+        if any(isinstance(r.stmt, _PASS_TYPES) and isinstance(
+                r.stmt, (ast.VacuumStmt, ast.CreatedbStmt, ast.DropdbStmt, ast.AlterSystemStmt))
+                for r in stmts):
+            return Plan(REFUSE, reason="this statement cannot run in the same query string as "
+                                       "statements that change data; send it on its own")
+        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows)
+    return Plan(PASS)
+
+
+def quote_literal(s: str) -> str:
+    """A standard-conforming SQL string literal."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def capture_sql(query: str, makes_rows: bool) -> str:
+    """Run before a DDL Query, in its transaction: lets the DDL guard pass
+    and ships the statement as text with the session context it needs."""
+    return ("SET LOCAL mtm.capture = 'on'; SELECT pg_logical_emit_message(true, 'mtm_ddl', "
+            f"json_build_object('sql', {quote_literal(query)}, "
+            "'search_path', current_setting('search_path'), 'role', current_user, "
+            f"'makes_rows', {'true' if makes_rows else 'false'})::text)")
+
+
+DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
+XID_CHECK_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+
+
+def prepare_sql(gid: str) -> str:
+    return f"SET LOCAL mtm.preparing = 'on'; PREPARE TRANSACTION {quote_literal(gid)}"

@@ -1,0 +1,187 @@
+"""Setting a node up for the cluster (``mmproxy init-cluster``).
+
+``check_settings`` compares a node's PostgreSQL settings with what
+replication needs and names each one that falls short. ``init_node``
+creates, idempotently, what the node needs:
+
+- schema ``mtm``: ``mtm.nodes`` (this node's id and the configured nodes),
+  ``mtm.precommits`` (durable PRECOMMIT records of the commit protocol),
+  ``mtm.local_tables``; nothing in ``mtm`` is ever shipped to peers;
+- publication ``mtm_pub`` FOR ALL TABLES (new tables are picked up by it);
+- per peer: a two-phase logical slot ``mtm_slot_<peer>`` (this node's
+  changes for that peer) and a replication origin ``mtm_node_<peer>``
+  (marks what was applied from that peer);
+- the safety nets. *Commit guard*: a deferred constraint trigger on every
+  replicated table fails the COMMIT of any transaction that wrote to it
+  without going through the commit protocol (the proxy sets
+  ``mtm.preparing`` just before its PREPARE TRANSACTION), so no write can
+  commit on one node only, whatever path it took. *DDL guard*: an event
+  trigger refuses DDL that did not come through the proxy's capture path
+  (``mtm.capture``). Appliers run with ``session_replication_role =
+  replica``, where neither fires; the event trigger that adds the commit
+  guard to new tables is ENABLE ALWAYS so it also runs for replicated DDL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+PUBLICATION = "mtm_pub"
+
+
+def slot_name(peer_id: int) -> str:
+    return f"mtm_slot_{peer_id}"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    name: str
+    needed: int | str
+    why: str
+
+
+def requirements(n_nodes: int) -> list[Requirement]:
+    peers = n_nodes - 1
+    return [
+        Requirement("wal_level", "logical", "changes are shipped through logical decoding"),
+        Requirement("max_prepared_transactions", 50 * n_nodes,
+                    "every commit is a PREPARE TRANSACTION on every node"),
+        Requirement("max_replication_slots", peers + 2, "one logical slot per peer, plus spares"),
+        Requirement("max_wal_senders", peers + 2, "one walsender per peer, plus spares"),
+    ]
+
+
+async def check_settings(conn: psycopg.AsyncConnection, n_nodes: int) -> list[str]:
+    """Problems, each naming the setting, its value and what is needed."""
+    problems = []
+    for req in requirements(n_nodes):
+        value = (await (await conn.execute("SELECT current_setting(%s)", (req.name,))).fetchone())[0]
+        if isinstance(req.needed, int):
+            ok = int(value) >= req.needed
+            need = f">= {req.needed}"
+        else:
+            ok = value == req.needed
+            need = f"= {req.needed}"
+        if not ok:
+            problems.append(f"{req.name} is {value}, needs {need} ({req.why}); set it in "
+                            "postgresql.conf and restart PostgreSQL")
+    return problems
+
+
+GUARD_SQL = r"""
+CREATE SCHEMA IF NOT EXISTS mtm;
+CREATE TABLE IF NOT EXISTS mtm.nodes (id int PRIMARY KEY, is_self bool NOT NULL);
+CREATE TABLE IF NOT EXISTS mtm.precommits (gid text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
+
+CREATE OR REPLACE FUNCTION mtm.commit_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  IF coalesce(current_setting('mtm.preparing', true), '') <> 'on' THEN
+    RAISE EXCEPTION 'mmproxy: this transaction wrote to replicated table %.% but did not go through the cluster commit protocol', TG_TABLE_SCHEMA, TG_TABLE_NAME
+      USING ERRCODE = '0A000',
+            HINT = 'Connect through an mmproxy port, not to PostgreSQL directly; the transaction was rolled back on this node only, so no node diverged.';
+  END IF;
+  RETURN NULL;
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm.add_commit_guard(rel regclass) RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'mtm_commit_guard') THEN
+    EXECUTE format('CREATE CONSTRAINT TRIGGER mtm_commit_guard AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION mtm.commit_guard()', rel);
+  END IF;
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm.on_create_table() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
+           WHERE object_type = 'table' AND schema_name NOT IN ('mtm', 'pg_temp')
+             AND schema_name NOT LIKE 'pg_temp%'
+  LOOP
+    IF (SELECT relpersistence FROM pg_class WHERE oid = r.objid) = 'p' THEN
+      PERFORM mtm.add_commit_guard(r.objid::regclass);
+    END IF;
+  END LOOP;
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm.ddl_guard() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  IF coalesce(current_setting('mtm.capture', true), '') <> 'on' THEN
+    RAISE EXCEPTION 'mmproxy: % was not captured for replication', tg_tag
+      USING ERRCODE = '0A000',
+            HINT = 'Run DDL through an mmproxy port; inside DO blocks and functions it cannot be replicated.';
+  END IF;
+END $f$;
+"""
+
+EVENT_TRIGGERS_SQL = r"""
+DO $d$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_create_table') THEN
+    CREATE EVENT TRIGGER mtm_on_create_table ON ddl_command_end
+      WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+      EXECUTE FUNCTION mtm.on_create_table();
+    ALTER EVENT TRIGGER mtm_on_create_table ENABLE ALWAYS;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_ddl_guard') THEN
+    CREATE EVENT TRIGGER mtm_ddl_guard ON ddl_command_start EXECUTE FUNCTION mtm.ddl_guard();
+  END IF;
+END $d$;
+"""
+
+
+async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[int]) -> None:
+    """Idempotent: safe to run again on a node that is already set up."""
+    assert conn.autocommit
+    c = conn
+    await c.execute("SET mtm.capture = 'on'")   # our own DDL passes the DDL guard
+    await c.execute(GUARD_SQL)
+    async with c.transaction():
+        await c.execute("DELETE FROM mtm.nodes")
+        for i in all_ids:
+            await c.execute("INSERT INTO mtm.nodes VALUES (%s, %s)", (i, i == node_id))
+    # guard every existing replicated table
+    await c.execute("""
+        SELECT mtm.add_commit_guard(c.oid::regclass) FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+          AND n.nspname NOT IN ('mtm', 'pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%'""")
+    if not await (await c.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                                   (PUBLICATION,))).fetchone():
+        await c.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(
+            sql.Identifier(PUBLICATION)))
+    await c.execute(EVENT_TRIGGERS_SQL)
+    await c.execute("RESET mtm.capture")
+    for peer in all_ids:
+        if peer == node_id:
+            continue
+        slot = slot_name(peer)
+        if not await (await c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                                       (slot,))).fetchone():
+            await c.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, true)",
+                            (slot,))
+        origin = f"mtm_node_{peer}"
+        if not await (await c.execute("SELECT 1 FROM pg_replication_origin WHERE roname = %s",
+                                       (origin,))).fetchone():
+            await c.execute("SELECT pg_replication_origin_create(%s)", (origin,))
+
+
+async def is_initialized(conn: psycopg.AsyncConnection) -> bool:
+    row = await (await conn.execute("SELECT to_regclass('mtm.nodes') IS NOT NULL")).fetchone()
+    return bool(row[0])
+
+
+async def init_local_node(cfg) -> list[str]:
+    """``mmproxy init-cluster``: check and set up the node ``cfg`` describes.
+    Returns the problems found (nothing is changed when there are any)."""
+    pg = cfg.postgres
+    ids = sorted([cfg.node.id] + [p.id for p in cfg.peers])
+    async with await psycopg.AsyncConnection.connect(pg.conninfo(), password=pg.password(),
+                                                     autocommit=True) as conn:
+        problems = await check_settings(conn, len(ids))
+        if not problems:
+            await init_node(conn, cfg.node.id, ids)
+        return problems

@@ -1,0 +1,356 @@
+"""One node's replication service (asyncio shell around the pure cores).
+
+Owns: the inter-node links, one *sender* per peer (this node's slot for
+that peer, filtered, forwarded over the link), one *receiver* per peer (the
+peer's stream applied by an ``Applier``), the commit-protocol cores
+(``Coordinator`` for this node's transactions, ``Participant`` for the
+peers'), and a small pool of local connections that carry out the cores'
+actions (PERSIST, COMMIT/ROLLBACK PREPARED).
+
+What the sender forwards to a peer: only transactions made on this node
+(a transaction with an ORIGIN was applied from another node, which ships
+it itself), never changes to the ``mtm`` schema, and COMMIT/ROLLBACK
+PREPARED only for gids this node coordinates. Empty transactions are
+dropped. The slot is confirmed only up to what the peer acknowledged as
+durably applied, so a restart resends the rest (and the applier skips what
+its origin says it has).
+
+Crash story: nothing here is kept only in memory that matters after a
+crash. Prepared transactions and ``mtm.precommits`` rows are durable in
+PostgreSQL; the streams resume from the slots' confirmed positions; a
+coordinator that died between PREPARE and the reply leaves its gid prepared
+everywhere - resolving such gids is the recovery layer's job (next issue),
+not this one's.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import psycopg
+from psycopg import sql
+
+from config import NodeConfig, parse_address
+from proxy import log as mlog
+
+from . import commit as cp
+from . import link
+from . import pgoutput as po
+from .apply import Applier, Finished, PrepareFailed, Prepared
+from .cluster import PUBLICATION, slot_name
+from .stream import SlotStream, StreamError
+
+TICK_S = 0.05
+RECEIVE_QUEUE_FRAMES = 10000     # per peer; a full queue stops reading the link
+
+
+class ReplicationNode:
+    def __init__(self, cfg: NodeConfig, *, vote_timeout_ms: int = 10000, retry_ms: int = 200,
+                 wait_peer_commits: bool = True):
+        self.cfg = cfg
+        self.id = cfg.node.id
+        self.peers = {p.id: p for p in cfg.peers}
+        ids = frozenset([self.id, *self.peers])
+        self.generation = cp.Generation(1, ids, ids)
+        self.coord = cp.Coordinator(self.id, self.generation, vote_timeout_ms=vote_timeout_ms,
+                                    retry_ms=retry_ms, wait_peer_commits=wait_peer_commits)
+        self.part = cp.Participant(self.id, self.generation)
+        self.log = mlog.get().bind(node_id=self.id, subsystem="replication")
+        pg = cfg.postgres
+        self.conninfo = pg.conninfo()
+        self.password = pg.password()
+        self._seq_base = int(time.time() * 1000) * 1000
+        self._seq = 0
+        self.out: dict[int, asyncio.StreamWriter] = {}
+        self.out_ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in self.peers}
+        self.streams: dict[int, SlotStream] = {}
+        self.unacked: dict[int, deque] = {p: deque() for p in self.peers}
+        self.inbox: dict[int, asyncio.Queue] = {
+            p: asyncio.Queue(RECEIVE_QUEUE_FRAMES) for p in self.peers}
+        self.waiters: dict[str, asyncio.Future] = {}
+        self.pool: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.applied_lsn: dict[int, int] = {p: 0 for p in self.peers}
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def _connect(self, **kw) -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(self.conninfo, password=self.password,
+                                                     autocommit=True, **kw)
+
+    async def start(self) -> None:
+        for _ in range(4):
+            self.pool.put_nowait(await self._connect())
+        host, port = parse_address(self.cfg.node.internode_listen)
+        self.server = await asyncio.start_server(self._incoming, host, port, reuse_address=True)
+        for peer in self.peers:
+            self.tasks.append(asyncio.create_task(self._outgoing(peer)))
+            self.tasks.append(asyncio.create_task(self._sender(peer)))
+            self.tasks.append(asyncio.create_task(self._receiver(peer)))
+        self.tasks.append(asyncio.create_task(self._ticker()))
+        self.log.info("replication_started", peers=sorted(self.peers),
+                      generation=self.generation.num)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+        for w in self.out.values():
+            w.close()
+        for s in self.streams.values():
+            await s.close()
+        while not self.pool.empty():
+            await self.pool.get_nowait().close()
+
+    # -- the commit protocol, for client sessions -----------------------------------
+
+    def next_gid(self) -> str:
+        self._seq += 1
+        return cp.make_gid(self.id, self.generation.num, self._seq_base + self._seq)
+
+    async def commit(self, gid: str) -> cp.Reply:
+        """``gid`` is prepared locally: run the protocol, return the outcome."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[gid] = fut
+        await self.execute(self.coord.start(gid, _now_ms()))
+        return await fut
+
+    # -- carrying out the cores' actions -------------------------------------------------
+
+    async def execute(self, actions: list) -> None:
+        for a in actions:
+            cls = a.__class__
+            if cls is cp.Send:
+                w = self.out.get(a.to)
+                if w is not None and a.msg is not None:
+                    w.write(link.protocol(a.msg))
+            elif cls is cp.Persist:
+                await self._sql("INSERT INTO mtm.precommits (gid) VALUES (%s) "
+                                "ON CONFLICT DO NOTHING", (a.gid,))
+            elif cls is cp.CommitLocal or cls is cp.AbortLocal:
+                commit = cls is cp.CommitLocal
+                await self._finish_prepared(a.gid, commit)
+                self.log.info("transaction_decided", gid=a.gid, commit=commit)
+                await self.execute(self.coord.local_done(a.gid, commit, _now_ms()))
+            elif cls is cp.FinishLocal:
+                await self._finish_prepared(a.gid, a.commit)
+                await self.execute(self.part.finished(a.gid, a.commit))
+            elif cls is cp.Reply:
+                self.coord.forget(a.gid)
+                fut = self.waiters.pop(a.gid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(a)
+
+    async def _sql(self, query, params=()) -> None:
+        conn = await self.pool.get()
+        try:
+            await conn.execute(query, params)
+        finally:
+            self.pool.put_nowait(conn)
+
+    async def _finish_prepared(self, gid: str, commit: bool) -> None:
+        verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
+        try:
+            await self._sql(sql.SQL(verb + " {}").format(sql.Literal(gid)))
+        except psycopg.errors.UndefinedObject:
+            pass  # already finished (the stream and a Decision both got here)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            await self.execute(self.coord.tick(_now_ms()))
+
+    # -- links ------------------------------------------------------------------------------
+
+    async def _outgoing(self, peer: int) -> None:
+        host, port = parse_address(self.peers[peer].node_address)
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            writer.write(link.hello(self.id))
+            self.out[peer] = writer
+            self.out_ready[peer].set()
+            self.log.info("link_up", peer=peer)
+            try:
+                await reader.read()      # the peer never sends on this connection
+            except OSError:
+                pass
+            self.out.pop(peer, None)
+            self.out_ready[peer].clear()
+            self.log.warning("link_down", peer=peer)
+            await asyncio.sleep(0.2)
+
+    async def _incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = link.FrameReader()
+        peer = None
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for kind, payload in frames.feed(data):
+                    if kind == b"H":
+                        peer = int.from_bytes(payload, "big")
+                        if peer not in self.peers:
+                            self.log.error("link_refused", peer=peer, reason="unknown node id")
+                            return
+                    elif peer is None:
+                        return
+                    elif kind == b"R":
+                        await self.inbox[peer].put(payload)
+                    elif kind == b"A":
+                        self._acked(peer, int.from_bytes(payload, "big"))
+                    elif kind == b"J":
+                        msg = link.decode_protocol(payload)
+                        await self.execute(self.coord.receive(msg, _now_ms()))
+                        await self.execute(self.part.receive(msg))
+        except (OSError, link.LinkError) as e:
+            self.log.warning("link_error", peer=peer, error=str(e))
+        finally:
+            writer.close()
+
+    # -- sending our changes to a peer ------------------------------------------------------
+
+    def _acked(self, peer: int, lsn: int) -> None:
+        stream = self.streams.get(peer)
+        q = self.unacked[peer]
+        while q and q[0] <= lsn:
+            q.popleft()
+        if stream is not None:
+            stream.confirm(lsn)
+
+    async def _sender(self, peer: int) -> None:
+        while True:
+            await self.out_ready[peer].wait()
+            stream = SlotStream(self.conninfo + (f" password={self.password}" if self.password
+                                                 else ""), slot_name(peer), PUBLICATION)
+            try:
+                await stream.start()
+                self.streams[peer] = stream
+                await self._forward(peer, stream)
+            except (StreamError, psycopg.Error, OSError) as e:
+                self.log.warning("sender_restart", peer=peer, error=str(e))
+            finally:
+                self.streams.pop(peer, None)
+                await stream.close()
+            await asyncio.sleep(0.2)
+
+    async def _forward(self, peer: int, stream: SlotStream) -> None:
+        mtm_rels: set[int] = set()
+        held: list = []          # Begin (and Relations) not yet sent
+        skipping = False
+        sent_data = False
+        unacked = self.unacked[peer]
+        async for lsn, msg, payload in stream.messages(with_payload=True):
+            w = self.out.get(peer)
+            if w is None:
+                raise StreamError("link to peer is down")
+            cls = msg.__class__
+            if cls is po.Begin or cls is po.BeginPrepare:
+                held = [link.replication(lsn, payload)]
+                skipping = sent_data = False
+                continue
+            if cls is po.Origin:
+                skipping = True        # applied from another node: not ours to ship
+                held = []
+                continue
+            if cls is po.Relation:
+                if msg.namespace == "mtm":
+                    mtm_rels.add(msg.relid)
+                elif not skipping:
+                    held.append(link.replication(lsn, payload))
+                continue
+            if cls is po.Commit or cls is po.Prepare:
+                if skipping or (cls is po.Commit and not sent_data):
+                    skipping = False
+                    held = []
+                    if not unacked:
+                        stream.confirm(msg.end_lsn)
+                    continue
+                for f in held:
+                    w.write(f)
+                held = []
+                w.write(link.replication(lsn, payload))
+                unacked.append(msg.end_lsn)
+                await w.drain()
+                continue
+            if cls is po.CommitPrepared or cls is po.RollbackPrepared:
+                parsed = cp.parse_gid(msg.gid)
+                end = msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn
+                if parsed is None or parsed[0] != self.id:
+                    if not unacked:
+                        stream.confirm(end)
+                    continue
+                w.write(link.replication(lsn, payload))
+                unacked.append(end)
+                await w.drain()
+                continue
+            if skipping:
+                continue
+            if cls in (po.Insert, po.Update, po.Delete) and msg.relid in mtm_rels:
+                continue
+            if cls is po.Truncate and mtm_rels.intersection(msg.relids):
+                continue
+            for f in held:
+                w.write(f)
+            held = []
+            sent_data = True
+            w.write(link.replication(lsn, payload))
+            if w.transport.get_write_buffer_size() > 1 << 20:
+                await w.drain()
+
+    # -- applying a peer's changes ---------------------------------------------------------
+
+    async def _receiver(self, peer: int) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await self._connect()
+                applier = Applier(conn, peer,
+                                  lock_timeout_ms=1000)
+                await applier.setup()
+                inbox = self.inbox[peer]
+                while True:
+                    payload = await inbox.get()
+                    lsn, raw = link.unpack_lsn(payload)
+                    msg = po.decode(raw)
+                    r = await applier.apply(msg)
+                    if r is None:
+                        continue
+                    await self._applied(peer, msg, r)
+            except (psycopg.Error, OSError) as e:
+                self.log.error("receiver_restart", peer=peer, error=str(e))
+            except Exception as e:  # an ApplyError: stop applying this peer, loudly
+                self.log.error("apply_failed", peer=peer, error=str(e))
+                await asyncio.sleep(1)
+            finally:
+                if conn is not None:
+                    await conn.close()
+            await asyncio.sleep(0.2)
+
+    async def _applied(self, peer: int, msg, r) -> None:
+        if isinstance(r, Prepared):
+            await self.execute(self.part.applied(r.gid, True))
+        elif isinstance(r, PrepareFailed):
+            self.log.info("apply_vote_failed", peer=peer, gid=r.gid, sqlstate=r.sqlstate,
+                          message=r.message)
+            await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))
+        elif isinstance(r, Finished) and r.gid is not None:
+            await self.execute(self.part.finished(r.gid, r.committed))
+        end = getattr(msg, "end_lsn", None) or getattr(msg, "rollback_end_lsn", None)
+        if end:
+            self.applied_lsn[peer] = end
+            w = self.out.get(peer)
+            if w is not None:
+                w.write(link.applied(end))
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)

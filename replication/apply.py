@@ -100,6 +100,11 @@ class Applier:
         await c.execute("SET session_replication_role = replica")
         self._applied_lsn = await self.applied_lsn()
 
+    @property
+    def idle(self) -> bool:
+        """Between transactions."""
+        return not self._in_txn and not self._replay
+
     async def applied_lsn(self) -> int:
         row = await (await self.conn.execute(
             "SELECT remote_lsn FROM pg_replication_origin_status s JOIN pg_replication_origin o "
@@ -130,10 +135,13 @@ class Applier:
                 return (Finished(None, True, False) if cls is po.Commit
                         else Prepared(msg.gid))
             return None
-        if cls is po.Commit:
-            return await self._commit(msg)
-        if cls is po.Prepare:
-            return await self._prepare(msg)
+        if cls is po.Commit or cls is po.Prepare:
+            if not self._in_txn:
+                # Never COMMIT or PREPARE what we did not begin: PostgreSQL
+                # would only warn, and we would vote for a transaction we
+                # do not have.
+                raise ApplyError(f"{cls.__name__} without a BEGIN from node {self.peer_id}")
+            return await (self._commit(msg) if cls is po.Commit else self._prepare(msg))
         if cls is po.CommitPrepared:
             return await self._finish_prepared(msg.gid, True, msg.end_lsn, msg.commit_ts)
         if cls is po.RollbackPrepared:

@@ -397,7 +397,7 @@ class Participant:
         if cls is Decision:
             if t.finished is not None:
                 return [Send(t.coordinator, CommitAck(t.gid, self.node_id))] \
-                    if t.finished else []
+                    if t.finished and t.vote is not None and t.vote.ok else []
             if t.vote is not None and t.vote.ok and not t.finishing:
                 t.finishing = True
                 return [FinishLocal(t.gid, msg.commit)]
@@ -418,7 +418,12 @@ class Participant:
             self._finished_order.append(gid)
             while len(self._finished_order) > self.max_finished:
                 self.txns.pop(self._finished_order.pop(0), None)
-        return [Send(t.coordinator, CommitAck(gid, self.node_id))] if committed else []
+        # Only a member that prepared the transaction here can say it
+        # committed it here (a COMMIT PREPARED of a gid we never prepared
+        # changes nothing on this node).
+        voted_ok = t.vote is not None and t.vote.ok
+        return [Send(t.coordinator, CommitAck(gid, self.node_id))] if committed and voted_ok \
+            else []
 
     def generation_changed(self, gen: Generation) -> None:
         self.generation = gen

@@ -73,6 +73,11 @@ class ReplicationNode:
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
         self.applied_lsn: dict[int, int] = {p: 0 for p in self.peers}
+        # Each incoming connection of a peer is an epoch; frames of an older
+        # epoch are discarded, so a reset link restarts the peer's stream at
+        # a transaction boundary (its confirmed LSN).
+        self.link_epoch: dict[int, int] = {p: 0 for p in self.peers}
+        self.incoming: dict[int, asyncio.StreamWriter] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class ReplicationNode:
     async def _incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         frames = link.FrameReader()
         peer = None
+        epoch = 0
         try:
             while True:
                 data = await reader.read(65536)
@@ -201,10 +207,16 @@ class ReplicationNode:
                         if peer not in self.peers:
                             self.log.error("link_refused", peer=peer, reason="unknown node id")
                             return
+                        self.link_epoch[peer] += 1
+                        epoch = self.link_epoch[peer]
+                        old = self.incoming.get(peer)
+                        if old is not None:
+                            old.close()
+                        self.incoming[peer] = writer
                     elif peer is None:
                         return
                     elif kind == b"R":
-                        await self.inbox[peer].put(payload)
+                        await self.inbox[peer].put((epoch, payload))
                     elif kind == b"A":
                         self._acked(peer, int.from_bytes(payload, "big"))
                     elif kind == b"J":
@@ -261,11 +273,13 @@ class ReplicationNode:
                 skipping = True        # applied from another node: not ours to ship
                 held = []
                 continue
-            if cls is po.Relation:
-                if msg.namespace == "mtm":
+            if cls is po.Relation or cls is po.Type:
+                # Schema messages are sent once per walsender session, even
+                # inside a transaction we skip: always forward them.
+                if cls is po.Relation and msg.namespace == "mtm":
                     mtm_rels.add(msg.relid)
-                elif not skipping:
-                    held.append(link.replication(lsn, payload))
+                else:
+                    w.write(link.replication(lsn, payload))
                 continue
             if cls is po.Commit or cls is po.Prepare:
                 if skipping or (cls is po.Commit and not sent_data):
@@ -313,27 +327,40 @@ class ReplicationNode:
             conn = None
             try:
                 conn = await self._connect()
-                applier = Applier(conn, peer,
-                                  lock_timeout_ms=1000)
+                applier = Applier(conn, peer, lock_timeout_ms=1000)
                 await applier.setup()
+                applier_epoch = self.link_epoch[peer]
                 inbox = self.inbox[peer]
                 while True:
-                    payload = await inbox.get()
+                    epoch, payload = await inbox.get()
+                    if epoch != self.link_epoch[peer]:
+                        continue            # from a link that was reset
+                    if not applier.idle and epoch != applier_epoch:
+                        raise RuntimeError("stream restarted inside a transaction")
+                    applier_epoch = epoch
                     lsn, raw = link.unpack_lsn(payload)
                     msg = po.decode(raw)
                     r = await applier.apply(msg)
                     if r is None:
                         continue
                     await self._applied(peer, msg, r)
-            except (psycopg.Error, OSError) as e:
-                self.log.error("receiver_restart", peer=peer, error=str(e))
-            except Exception as e:  # an ApplyError: stop applying this peer, loudly
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # psycopg errors, ApplyError: restart cleanly
                 self.log.error("apply_failed", peer=peer, error=str(e))
-                await asyncio.sleep(1)
+                self._reset_link(peer)
+                await asyncio.sleep(0.5)
             finally:
                 if conn is not None:
                     await conn.close()
-            await asyncio.sleep(0.2)
+
+    def _reset_link(self, peer: int) -> None:
+        """Drop the peer's incoming link: it reconnects and resends from the
+        LSN we last acknowledged, starting at a transaction boundary."""
+        self.link_epoch[peer] += 1
+        w = self.incoming.pop(peer, None)
+        if w is not None:
+            w.close()
 
     async def _applied(self, peer: int, msg, r) -> None:
         if isinstance(r, Prepared):

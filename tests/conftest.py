@@ -64,15 +64,17 @@ class ProxyProcess:
 
     def __init__(self, workdir: Path, pg: LocalPostgres, extra: str = "", *,
                  pg_host: str | None = None, pg_port: int | None = None,
-                 grace_ms: int = 5000, startup_timeout_ms: int = 60000):
-        self.port = free_port()
+                 grace_ms: int = 5000, startup_timeout_ms: int = 60000,
+                 node_id: int = 1, port: int | None = None, internode: str = ""):
+        self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="proxy-", dir=workdir))
         self.log_file = self.dir / "proxy.log"
         self.config = self.dir / "node.toml"
         self.config.write_text(f"""
 [node]
-id = 1
+id = {node_id}
 listen = "127.0.0.1:{self.port}"
+{internode}
 
 [postgres]
 host = "{pg_host or '127.0.0.1'}"
@@ -164,6 +166,53 @@ def fresh_dbs(pg):
     yield names
     for name in names:
         pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class Cluster:
+    """N PostgreSQL servers, each initialized for the cluster and fronted by
+    its own mmproxy process, all on loopback."""
+
+    def __init__(self, workdir: Path, n: int = 3, name: str = "cluster"):
+        import asyncio
+
+        from config import load_config
+        from replication.cluster import init_local_node
+        self.n = n
+        self.pgs = [LocalPostgres(workdir / f"{name}{i}", fsync=False).init().start()
+                    for i in range(1, n + 1)]
+        ports = [free_port() for _ in range(n)]
+        links = [free_port() for _ in range(n)]
+        self.proxies: list[ProxyProcess] = []
+        for i in range(1, n + 1):
+            peers = "".join(
+                f"\n[[peers]]\nid = {j}\nclient_address = \"127.0.0.1:{ports[j - 1]}\"\n"
+                f"node_address = \"127.0.0.1:{links[j - 1]}\"\n"
+                for j in range(1, n + 1) if j != i)
+            internode = f'internode_listen = "127.0.0.1:{links[i - 1]}"'
+            pg = self.pgs[i - 1]
+            cfg_text = f"""[node]\nid = {i}\nlisten = "127.0.0.1:{ports[i - 1]}"\n{internode}
+[postgres]\nhost = "127.0.0.1"\nport = {pg.port}\n{peers}"""
+            cfg_file = pg.base / "init.toml"
+            cfg_file.write_text(cfg_text)
+            problems = asyncio.run(init_local_node(load_config(cfg_file)))
+            assert not problems, problems
+            self.proxies.append(ProxyProcess(workdir, pg, peers, node_id=i, port=ports[i - 1],
+                                             internode=internode))
+        for p in self.proxies:
+            wait_for(lambda p=p: any(e["event"] == "cluster_mode_on" for e in p.events()),
+                     timeout=30, what="cluster mode")
+
+    def dsn(self, i: int, **kw) -> str:
+        return self.proxies[i - 1].dsn(**kw)
+
+    def direct(self, i: int) -> LocalPostgres:
+        return self.pgs[i - 1]
+
+    def stop(self) -> None:
+        for p in self.proxies:
+            p.stop()
+        for pg in self.pgs:
+            pg.stop("immediate")
 
 
 def wait_for(cond, timeout: float = 10, interval: float = 0.02, what: str = "condition"):

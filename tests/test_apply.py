@@ -236,3 +236,24 @@ def test_committed_transaction_that_cannot_apply_is_an_error(pair, slot):
     a.psql("INSERT INTO acc VALUES (8, 'conflict', 0, NULL)")
     with pytest.raises(ApplyError, match="applying a committed transaction of node 1 failed: 23505"):
         asyncio.run(pump(a, b, until_commits=1))
+
+
+def test_transaction_end_without_begin_is_refused(pair):
+    """A stream that restarts mid-transaction must not make the applier
+    PREPARE (PostgreSQL would only warn outside a transaction) and vote for
+    a transaction it does not hold."""
+    a, b = pair
+
+    async def run():
+        conn = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+        try:
+            applier = Applier(conn, peer_id=1)
+            await applier.setup()
+            for msg in (po.Prepare(0, 10, 20, 0, 1, "MTM-1-1-99"), po.Commit(0, 10, 20, 0)):
+                with pytest.raises(ApplyError, match="without a BEGIN"):
+                    await applier.apply(msg)
+        finally:
+            await conn.close()
+    asyncio.run(run())
+    assert psycopg.connect(b.dsn()).execute("SELECT count(*) FROM pg_prepared_xacts").fetchone() \
+        == (0,)

@@ -99,6 +99,17 @@ def test_participant_votes_precommits_and_acks_idempotently():
     assert p.receive(Precommit(GID, 3)) == []
 
 
+def test_participant_never_acks_a_commit_it_did_not_prepare():
+    """A COMMIT PREPARED of a gid that failed (or never reached) this node
+    changes nothing here: acking it would let the coordinator report a
+    commit this node does not have."""
+    p = Participant(2, GEN)
+    assert p.finished(GID, True) == []                      # never voted
+    p.applied(make_gid(1, 1, 9), False, "55P03", "lock timeout")
+    assert p.finished(make_gid(1, 1, 9), True) == []        # voted no
+    assert p.receive(Decision(make_gid(1, 1, 9), 1, True)) == []
+
+
 def test_participant_refuses_older_generation():
     p = Participant(2, Generation(2, frozenset({1, 2, 3}), GEN.configured))
     [send] = p.applied(GID, True)

@@ -109,6 +109,12 @@ class TimeoutsConfig:
     client_startup_timeout_ms: int = 60000
     heartbeat_interval_ms: int = 200
     heartbeat_timeout_ms: int = 2000
+    # A commit aborts when a member has not voted within this time (until
+    # failure detection decides membership, this is how a dead peer is seen).
+    commit_vote_timeout_ms: int = 60000
+    # How long an applier waits for a row lock before it gives up; the
+    # transaction it applies then aborts with 40001 on its origin node.
+    apply_lock_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class NodeConfig:
 
 _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat_interval_ms",
              "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
+             "commit_vote_timeout_ms", "apply_lock_timeout_ms",
              "write_buffer_high_bytes", "write_buffer_low_bytes"}
 
 def _describe(v: object) -> str:

@@ -47,6 +47,25 @@ class Plan:
     ddl: bool = False
     makes_rows: bool = False
     reason: str = ""
+    sql: str = ""            # the statement text, kept for DDL capture
+
+
+def combine(plans: list) -> Plan:
+    """The plan of an extended-protocol batch: the strictest of its Executes."""
+    if not plans:
+        return Plan(PASS)
+    for kind in (REFUSE, COMMIT):
+        for p in plans:
+            if p.kind == kind:
+                return p
+    wraps = [p for p in plans if p.kind == WRAP]
+    if not wraps:
+        return Plan(PASS)
+    ddl = [p for p in wraps if p.ddl]
+    if len(ddl) > 1:
+        return Plan(REFUSE, reason="more than one DDL statement in one extended-protocol "
+                                   "batch cannot be replicated; send them one by one")
+    return ddl[0] if ddl else wraps[0]
 
 
 def _has_function_call(node) -> bool:
@@ -114,12 +133,16 @@ def classify(sql: str) -> Plan:
                 makes_rows = True
             kinds.append(WRAP)
     if WRAP in kinds:
+        if ddl:
+            sql_text = sql
+        else:
+            sql_text = ""
         if any(isinstance(r.stmt, _PASS_TYPES) and isinstance(
                 r.stmt, (ast.VacuumStmt, ast.CreatedbStmt, ast.DropdbStmt, ast.AlterSystemStmt))
                 for r in stmts):
             return Plan(REFUSE, reason="this statement cannot run in the same query string as "
                                        "statements that change data; send it on its own")
-        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows)
+        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text)
     return Plan(PASS)
 
 

@@ -117,7 +117,13 @@ _TXN_STATUS = {ord("I"): b"I", ord("T"): b"T", ord("E"): b"E"}
 _READY_CLIENT_INSPECT = frozenset(b"X")
 _READY_CLIENT_ALLOWED = frozenset(b"BCdcfDEHFPQSX")
 _Z, _E, _S, _K, _R, _X = (ord(c) for c in "ZESKRX")
-_Q, _SYNC = ord("Q"), ord("S")
+_Q, _SYNC, _F = ord("Q"), ord("S"), ord("F")
+_P, _B, _EXEC, _FLUSH = ord("P"), ord("B"), ord("E"), ord("H")
+# In cluster mode every statement cycle is looked at: simple Query, and the
+# extended-protocol messages that say which statement runs (Parse, Bind,
+# Execute) and where a cycle ends (Sync, Flush).
+_CLUSTER_CLIENT_INSPECT = frozenset(b"QPBESHX")
+_STMT_CACHE_MAX = 10000
 
 
 def _truthy(v: str) -> bool:
@@ -132,7 +138,8 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held")
+        "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
+        "_batch_plans", "_stmts", "_portals", "_plan_cache")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -162,6 +169,11 @@ class Session:
         self.next_gid: Callable[[], str] | None = None
         self._flow: _Flow | None = None
         self._held = b""           # client bytes held while a flow runs
+        self._batch: list | None = None   # extended-protocol messages up to Sync
+        self._batch_plans: list = []
+        self._stmts: dict[str, object] = {}     # prepared statement -> Plan
+        self._portals: dict[str, str] = {}      # portal -> statement
+        self._plan_cache: dict[str, object] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -185,8 +197,10 @@ class Session:
                 and self._sf.at_boundary)
 
     def _ready_client_framer(self) -> Framer:
-        inspect = _READY_CLIENT_INSPECT | {_Q} if self.cluster else _READY_CLIENT_INSPECT
-        count = (_SYNC,) if self.cluster else (_Q, _SYNC)
+        if self.cluster:
+            inspect, count = _CLUSTER_CLIENT_INSPECT, (_F,)
+        else:
+            inspect, count = _READY_CLIENT_INSPECT, (_Q, _SYNC, _F)
         return Framer(inspect, frontend=True, allowed=_READY_CLIENT_ALLOWED,
                       max_inspect_len=wire.MAX_MESSAGE_LEN, count=count)
 
@@ -260,12 +274,36 @@ class Session:
         out = []
         for i, it in enumerate(items):
             if it.__class__ is not Message:
-                out.append(it)
-            elif it.type == _Q:
+                if self._batch is not None:
+                    self._batch.append(it)
+                else:
+                    out.append(it)
+                continue
+            t = it.type
+            if t == _Q:
                 fwd = self._on_query(it, items[i + 1:])
                 if fwd is None:
                     break           # a flow took over; the rest is held
                 out.append(fwd)
+            elif t in (_P, _B, _EXEC):
+                self._batch_add(it)
+            elif t == _SYNC:
+                if self._batch is None:
+                    self._batch = []
+                self._batch.append(it.raw)
+                fwd = self._on_batch(items[i + 1:])
+                if fwd is None:
+                    break
+                out.append(fwd)
+            elif t == _FLUSH:
+                # The client wants answers before its Sync: send what we
+                # have (a write in it is stopped by the commit guard at Sync
+                # if it was not inside a transaction).
+                if self._batch:
+                    out.extend(self._batch)
+                self._batch = None
+                self._batch_plans = []
+                out.append(it.raw)
             else:
                 # Terminate: forward it, then close both sides.
                 out.append(it.raw)
@@ -497,21 +535,78 @@ class Session:
     # a flow runs, client bytes are held (COPY data of the client's own
     # Query excepted) and replayed when it ends.
 
+    def _plan(self, sql: str):
+        plan = self._plan_cache.get(sql)
+        if plan is None:
+            if len(self._plan_cache) >= _STMT_CACHE_MAX:
+                self._plan_cache.clear()
+            plan = self._plan_cache[sql] = intercept.classify(sql)
+        return plan
+
+    def _batch_add(self, m: Message) -> None:
+        if self._batch is None:
+            self._batch = []
+        self._batch.append(m.raw)
+        msg = m.decode(frontend=True)
+        if m.type == _P:
+            if len(self._stmts) >= _STMT_CACHE_MAX:
+                self._stmts.clear()
+            self._stmts[msg.name] = self._plan(msg.sql)
+        elif m.type == _B:
+            self._portals[msg.portal] = msg.statement
+        else:
+            plan = self._stmts.get(self._portals.get(msg.portal, ""))
+            # A statement prepared before cluster mode began is unknown:
+            # treat it as a possible write.
+            self._batch_plans.append(plan or intercept.Plan(intercept.WRAP))
+
+    def _on_batch(self, rest: list) -> bytes | None:
+        raw = b"".join(self._batch)
+        plans, self._batch, self._batch_plans = self._batch_plans, None, []
+        return self._intercept(raw, intercept.combine(plans), None, rest, extended=True)
+
     def _on_query(self, m: Message, rest: list) -> bytes | None:
         """A client Query in cluster mode: forward it (returns its bytes) or
         start a flow (returns None; ``rest`` is held)."""
-        if self.pending_syncs or not self._sf.at_boundary:
-            # Answers to earlier messages are still coming: hold this Query
-            # and everything after it until they are in.
-            self._hold_from(m, rest)
-            self._flow = _Flow(raw=m.raw, plan=None, steps=[], final="deferred")
-            return None
         sql = m.body[:-1].decode("utf-8", "replace")
-        plan = intercept.classify(sql)
+        return self._intercept(m.raw, self._plan(sql), sql, rest, extended=False)
+
+    def _intercept(self, raw: bytes, plan, sql: str | None, rest: list, *,
+                   extended: bool) -> bytes | None:
         status = self.txn_status
         kind = plan.kind
+        steps: list = []
+        final = ""
         if kind == intercept.REFUSE:
+            final = "refuse"
+        elif kind == intercept.COMMIT and status == b"T":
+            steps, final = [("xid",)], ("xcommit" if extended else "commit")
+        elif kind == intercept.WRAP and status == b"I":
+            first = "BEGIN"
+            if plan.ddl:
+                first += "; " + self._capture(plan, sql)
+            steps = [("own", first), ("client",)]
+            if plan.makes_rows:
+                steps.append(("own", intercept.DDL_END_SQL))
+            steps.append(("xid",))
+            final = "wrap"
+        elif kind == intercept.WRAP and status == b"T" and plan.ddl:
+            steps = [("own", self._capture(plan, sql)), ("client",)]
+            if plan.makes_rows:
+                steps.append(("own", intercept.DDL_END_SQL))
+            final = "relay"
+        else:
+            self.pending_syncs += 1
+            return raw
+        if self.pending_syncs or not self._sf.at_boundary:
+            # Answers to earlier cycles are still coming: hold this one and
+            # everything after it until they are in.
+            self._held += raw
             self._hold_from(None, rest)
+            self._flow = _Flow(raw=raw, plan=None, steps=[], final="deferred")
+            return None
+        self._hold_from(None, rest)
+        if final == "refuse":
             self.effects.append(SendClient(
                 wire.error_response(FEATURE_NOT_SUPPORTED, plan.reason)
                 + wire.ReadyForQuery(b"E" if status != b"I" else b"I").encode()))
@@ -519,31 +614,19 @@ class Session:
                 self.txn_status = b"E"
             self._release_held()
             return None
-        steps: list = []
-        if kind == intercept.COMMIT and status == b"T":
-            steps, final = [("xid",)], "commit"
-        elif kind == intercept.WRAP and status == b"I":
-            first = "BEGIN"
-            if plan.ddl:
-                first += "; " + intercept.capture_sql(sql, plan.makes_rows)
-            steps = [("own", first), ("client",)]
-            if plan.makes_rows:
-                steps.append(("own", intercept.DDL_END_SQL))
-            steps.append(("xid",))
-            final = "wrap"
-        elif kind == intercept.WRAP and status == b"T" and plan.ddl:
-            steps = [("own", intercept.capture_sql(sql, plan.makes_rows)), ("client",)]
-            if plan.makes_rows:
-                steps.append(("own", intercept.DDL_END_SQL))
-            final = "relay"
-        else:
-            self.pending_syncs += 1
-            return m.raw
-        self._hold_from(None, rest)
-        self._flow = _Flow(raw=m.raw, plan=plan, steps=steps, final=final)
+        self._flow = _Flow(raw=raw, plan=plan, steps=steps, final=final)
         self._sf = Framer(_ALL_BACKEND, frontend=False).carry_from(self._sf)
         self._flow_advance()
         return None
+
+    @staticmethod
+    def _capture(plan, sql: str | None) -> str:
+        if sql is None:
+            # DDL through the extended protocol: the statement text is in
+            # the Parse message; ship it as the DDL guard's refusal would
+            # otherwise stop it.
+            sql = plan.sql
+        return intercept.capture_sql(sql, plan.makes_rows)
 
     def _hold_from(self, m: Message | None, rest: list) -> None:
         parts = [m.raw] if m is not None else []
@@ -601,6 +684,8 @@ class Session:
                 if t == _Z:
                     f.client_status = it.body
                     self._flow_step_done(it.body)
+                elif t == ord("N") and f.quiet_commit and b"C25P01\0" in it.body:
+                    pass            # "there is no transaction in progress"
                 else:
                     if t == _E:
                         self._note_error(it)
@@ -640,7 +725,7 @@ class Session:
             wrote = bool(f.rows) and f.rows[0][0] == b"t"
             if wrote:
                 f.steps = [("prepare",)]
-            elif f.final == "commit":
+            elif f.final in ("commit", "xcommit"):
                 f.steps = [("client",)]      # nothing to replicate: plain COMMIT
                 f.final = "relay"
             else:
@@ -657,7 +742,16 @@ class Session:
         if f is None or f.step != ("outcome",) or self.phase is not Phase.READY:
             return
         self.txn_status = b"I"
-        if committed:
+        if committed and f.final == "xcommit":
+            # Let PostgreSQL answer the client's own extended-protocol COMMIT
+            # (ParseComplete, BindComplete, CommandComplete, in the order the
+            # client asked for them); it only adds a "no transaction in
+            # progress" warning, which is dropped.
+            f.steps = [("client",)]
+            f.final = "relay"
+            f.quiet_commit = True
+            self._flow_advance()
+        elif committed:
             self._flow_finish(wire.CommandComplete("COMMIT").encode()
                               if f.final == "commit" else b"")
         else:
@@ -736,4 +830,5 @@ class _Flow:
     client_status: bytes = b"I"
     gid: str | None = None
     pending_error: bytes | None = None
+    quiet_commit: bool = False
 

@@ -20,6 +20,8 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
   (PG15-FACTS: a nextval-only transaction yields a lone COMMIT PREPARED).
 - Row values are passed in PostgreSQL's text form with unknown type, so the
   server converts them to the column types exactly as it printed them.
+  Runs of inserts into one table go through COPY, in batches of at most
+  ``COPY_BATCH_ROWS`` rows or ``COPY_BATCH_BYTES`` bytes (bounded memory).
 - Replay is normal (a restarted stream resends what was not confirmed):
   a transaction whose end LSN is not past the origin's recorded progress
   was applied already and is skipped whole.
@@ -39,6 +41,8 @@ from psycopg import sql
 from . import pgoutput as po
 
 DDL_PREFIX = "mtm_ddl"
+COPY_BATCH_ROWS = 5000
+COPY_BATCH_BYTES = 8 << 20
 DDL_END_PREFIX = "mtm_ddl_end"
 
 
@@ -87,6 +91,10 @@ class Applier:
         self._commit_ts = 0
         self._applied_lsn = 0      # origin progress at setup: older is a replay
         self._replay = False       # skipping an already applied transaction
+        # Consecutive inserts into one table are applied with one COPY.
+        self._copy_rel: po.Relation | None = None
+        self._copy_rows: list = []
+        self._copy_bytes = 0
 
     async def setup(self) -> None:
         c = self.conn
@@ -154,12 +162,38 @@ class Applier:
         if self._failed is not None:
             return None  # skipping the rest of a failed transaction
         try:
-            await self._apply_change(msg)
+            if cls is po.Insert and not self._skip_rows:
+                await self._buffer_insert(msg)
+            else:
+                await self._flush_inserts()
+                await self._apply_change(msg)
         except psycopg.Error as e:
             await self._fail(e.sqlstate or "XX000", str(e).strip())
         except _MissingRow as e:
             await self._fail("02000", str(e))
         return None
+
+    async def _buffer_insert(self, msg: po.Insert) -> None:
+        rel = self._rel(msg.relid)
+        if self._copy_rel is not None and self._copy_rel.relid != rel.relid:
+            await self._flush_inserts()
+        self._copy_rel = rel
+        row = [self._text(v) for v in msg.new.values]
+        self._copy_rows.append(row)
+        self._copy_bytes += sum(len(v) for v in row if v is not None)
+        if len(self._copy_rows) >= COPY_BATCH_ROWS or self._copy_bytes >= COPY_BATCH_BYTES:
+            await self._flush_inserts()
+
+    async def _flush_inserts(self) -> None:
+        rel, rows = self._copy_rel, self._copy_rows
+        if not rows:
+            return
+        self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in rel.columns)
+        async with self.conn.cursor().copy(
+                sql.SQL("COPY {} ({}) FROM STDIN").format(self._table(rel), cols)) as copy:
+            for row in rows:
+                await copy.write_row(row)
 
     async def _begin(self, gid: str | None) -> None:
         if self._in_txn:
@@ -177,15 +211,21 @@ class Applier:
 
     async def _fail(self, sqlstate: str, message: str) -> None:
         if self._gid is None:
+            self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
             await self.conn.execute("ROLLBACK")
             self._in_txn = False
             raise ApplyError(f"applying a committed transaction of node {self.peer_id} "
                              f"failed: {sqlstate} {message}")
         self._failed = PrepareFailed(self._gid, sqlstate, message)
+        self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
         await self.conn.execute("ROLLBACK")
         # Stay "in" the transaction until its Prepare message arrives.
 
     async def _commit(self, msg: po.Commit) -> Finished:
+        try:
+            await self._flush_inserts()
+        except psycopg.Error as e:
+            await self._fail(e.sqlstate or "XX000", str(e).strip())   # raises ApplyError
         self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
         await self._set_origin_position()
         await self.conn.execute("COMMIT")
@@ -193,6 +233,11 @@ class Applier:
         return Finished(None, True, True)
 
     async def _prepare(self, msg: po.Prepare) -> Prepared | PrepareFailed:
+        if self._failed is None:
+            try:
+                await self._flush_inserts()
+            except psycopg.Error as e:
+                await self._fail(e.sqlstate or "XX000", str(e).strip())
         self._in_txn = False
         if self._failed is not None:
             failed, self._failed = self._failed, None

@@ -46,14 +46,14 @@ RECEIVE_QUEUE_FRAMES = 10000     # per peer; a full queue stops reading the link
 
 
 class ReplicationNode:
-    def __init__(self, cfg: NodeConfig, *, vote_timeout_ms: int = 10000, retry_ms: int = 200,
-                 wait_peer_commits: bool = True):
+    def __init__(self, cfg: NodeConfig, *, retry_ms: int = 200, wait_peer_commits: bool = True):
         self.cfg = cfg
         self.id = cfg.node.id
         self.peers = {p.id: p for p in cfg.peers}
         ids = frozenset([self.id, *self.peers])
         self.generation = cp.Generation(1, ids, ids)
-        self.coord = cp.Coordinator(self.id, self.generation, vote_timeout_ms=vote_timeout_ms,
+        self.coord = cp.Coordinator(self.id, self.generation,
+                                    vote_timeout_ms=cfg.timeouts.commit_vote_timeout_ms,
                                     retry_ms=retry_ms, wait_peer_commits=wait_peer_commits)
         self.part = cp.Participant(self.id, self.generation)
         self.log = mlog.get().bind(node_id=self.id, subsystem="replication")
@@ -327,7 +327,8 @@ class ReplicationNode:
             conn = None
             try:
                 conn = await self._connect()
-                applier = Applier(conn, peer, lock_timeout_ms=1000)
+                applier = Applier(conn, peer,
+                                  lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
                 await applier.setup()
                 applier_epoch = self.link_epoch[peer]
                 inbox = self.inbox[peer]

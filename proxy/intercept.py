@@ -165,4 +165,9 @@ XID_CHECK_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 
 
 def prepare_sql(gid: str) -> str:
-    return f"SET LOCAL mtm.preparing = 'on'; PREPARE TRANSACTION {quote_literal(gid)}"
+    """Our PREPARE. The logical message makes sure the transaction decodes
+    with content: one that only advanced sequences would otherwise reach the
+    peers as a lone COMMIT PREPARED (PG15-FACTS), with nothing to vote on."""
+    g = quote_literal(gid)
+    return (f"SET LOCAL mtm.preparing = 'on'; "
+            f"SELECT pg_logical_emit_message(true, 'mtm_prepare', {g}); PREPARE TRANSACTION {g}")

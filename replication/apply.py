@@ -356,6 +356,7 @@ class Applier:
                 await self._apply_ddl(json.loads(msg.content))
             elif msg.prefix == DDL_END_PREFIX:
                 self._skip_rows = False
+            # other mtm_* messages (mtm_prepare) only mark the transaction
         else:
             raise ApplyError(f"unexpected {cls.__name__} from node {self.peer_id}")
 

@@ -29,6 +29,10 @@ import psycopg
 from psycopg import sql
 
 PUBLICATION = "mtm_pub"
+# Sequences step by MAX_NODES and each node takes the values congruent to
+# its id (mmts: increment = max node id, start = own id): nodes never hand
+# out the same value. Node ids must be below MAX_NODES.
+MAX_NODES = 16
 
 
 def slot_name(peer_id: int) -> str:
@@ -107,6 +111,45 @@ BEGIN
   END LOOP;
 END $f$;
 
+CREATE OR REPLACE FUNCTION mtm.adjust_sequence(seq regclass) RETURNS void LANGUAGE plpgsql AS $f$
+DECLARE
+  me int := (SELECT id FROM mtm.nodes WHERE is_self);
+  step int := @MAX_NODES@;
+  inc bigint; lv bigint; called bool; nxt bigint;
+BEGIN
+  SELECT increment_by INTO inc FROM pg_sequences
+   WHERE format('%I.%I', schemaname, sequencename)::regclass = seq;
+  IF inc IS DISTINCT FROM 1 THEN
+    RETURN;   -- custom or descending increments are left as they are
+  END IF;
+  EXECUTE format('SELECT last_value, is_called FROM %s', seq) INTO lv, called;
+  nxt := CASE WHEN called THEN lv + 1 ELSE lv END;
+  nxt := nxt + ((me - nxt) % step + step) % step;
+  EXECUTE format('ALTER SEQUENCE %s INCREMENT BY %s RESTART WITH %s', seq, step, nxt);
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm.alter_sequences() RETURNS int LANGUAGE plpgsql AS $f$
+DECLARE r record; n int := 0;
+BEGIN
+  FOR r IN SELECT c.oid FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+           WHERE c.relkind = 'S' AND ns.nspname NOT IN ('mtm', 'pg_catalog', 'information_schema')
+  LOOP
+    PERFORM mtm.adjust_sequence(r.oid::regclass);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm.on_create_sequence() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
+           WHERE object_type = 'sequence' AND command_tag <> 'ALTER SEQUENCE'
+  LOOP
+    PERFORM mtm.adjust_sequence(r.objid::regclass);
+  END LOOP;
+END $f$;
+
 CREATE OR REPLACE FUNCTION mtm.ddl_guard() RETURNS event_trigger LANGUAGE plpgsql AS $f$
 BEGIN
   IF coalesce(current_setting('mtm.capture', true), '') <> 'on' THEN
@@ -125,6 +168,12 @@ DO $d$ BEGIN
       EXECUTE FUNCTION mtm.on_create_table();
     ALTER EVENT TRIGGER mtm_on_create_table ENABLE ALWAYS;
   END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_create_sequence') THEN
+    CREATE EVENT TRIGGER mtm_on_create_sequence ON ddl_command_end
+      WHEN TAG IN ('CREATE SEQUENCE', 'CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS')
+      EXECUTE FUNCTION mtm.on_create_sequence();
+    ALTER EVENT TRIGGER mtm_on_create_sequence ENABLE ALWAYS;
+  END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_ddl_guard') THEN
     CREATE EVENT TRIGGER mtm_ddl_guard ON ddl_command_start EXECUTE FUNCTION mtm.ddl_guard();
   END IF;
@@ -137,7 +186,7 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
     assert conn.autocommit
     c = conn
     await c.execute("SET mtm.capture = 'on'")   # our own DDL passes the DDL guard
-    await c.execute(GUARD_SQL)
+    await c.execute(GUARD_SQL.replace("@MAX_NODES@", str(MAX_NODES)))
     async with c.transaction():
         await c.execute("DELETE FROM mtm.nodes")
         for i in all_ids:
@@ -154,6 +203,7 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
         await c.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(
             sql.Identifier(PUBLICATION)))
     await c.execute(EVENT_TRIGGERS_SQL)
+    await c.execute("SELECT mtm.alter_sequences()")
     await c.execute("RESET mtm.capture")
     for peer in all_ids:
         if peer == node_id:

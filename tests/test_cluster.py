@@ -315,3 +315,35 @@ def test_pgbench_through_the_cluster(cluster, mode):
     for table in ("pgbench_accounts", "pgbench_tellers", "pgbench_branches", "pgbench_history"):
         assert len({table_digest(cluster, i, table) for i in (1, 2, 3)}) == 1
     wait_for(lambda: no_prepared_left(cluster), what="no prepared transactions")
+
+
+def test_sequences_never_collide_across_nodes(cluster):
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE ser (id serial PRIMARY KEY, node int)")
+        c.execute("CREATE TABLE ident (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, node int)")
+        c.execute("CREATE SEQUENCE free_seq")
+    errors = []
+
+    def insert(node: int):
+        try:
+            with psycopg.connect(cluster.dsn(node), autocommit=True) as conn:
+                for _ in range(15):
+                    conn.execute("INSERT INTO ser (node) VALUES (%s)", (node,))
+                    conn.execute("INSERT INTO ident (node) VALUES (%s)", (node,))
+                    conn.execute("SELECT nextval('free_seq')")
+        except psycopg.Error as e:
+            errors.append(e)
+    threads = [threading.Thread(target=insert, args=(n,)) for n in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in (1, 2, 3):
+        for table in ("ser", "ident"):
+            got = rows(cluster, i, f"SELECT count(*), count(DISTINCT id), "
+                                   f"bool_and(id % 16 = node) FROM {table}")
+            assert got == [(45, 45, True)], (table, got)
+    # each node's own sequence state hands out its own residue
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT nextval('free_seq') % 16") == [(i,)]

@@ -76,7 +76,10 @@ async def check_settings(conn: psycopg.AsyncConnection, n_nodes: int) -> list[st
 
 GUARD_SQL = r"""
 CREATE SCHEMA IF NOT EXISTS mtm;
-CREATE TABLE IF NOT EXISTS mtm.nodes (id int PRIMARY KEY, is_self bool NOT NULL);
+CREATE TABLE IF NOT EXISTS mtm.nodes (id int PRIMARY KEY, is_self bool NOT NULL, address text);
+CREATE TABLE IF NOT EXISTS mtm.node_state (
+  id int PRIMARY KEY, status text NOT NULL, gen_num bigint NOT NULL, gen_members int[] NOT NULL,
+  connected int[] NOT NULL, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS mtm.precommits (gid text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
 
@@ -150,6 +153,59 @@ BEGIN
   END LOOP;
 END $f$;
 
+-- Monitoring, with mmts's columns. The proxy refreshes mtm.node_state every
+-- half second; a state older than 3 s means its proxy is not running.
+CREATE OR REPLACE FUNCTION mtm.status(
+    OUT my_node_id int, OUT status text, OUT connected int[], OUT gen_num bigint,
+    OUT gen_members int[], OUT gen_members_online int[], OUT gen_configured int[])
+LANGUAGE sql STABLE AS $f$
+  SELECT n.id,
+         CASE WHEN s.id IS NULL OR s.updated_at < clock_timestamp() - interval '3 seconds'
+              THEN 'disabled' ELSE s.status END,
+         coalesce(s.connected, '{}'), coalesce(s.gen_num, 0), coalesce(s.gen_members, '{}'),
+         ARRAY(SELECT m FROM unnest(coalesce(s.gen_members, '{}')) m
+               WHERE m = n.id OR m = ANY(s.connected) ORDER BY m),
+         ARRAY(SELECT id FROM mtm.nodes ORDER BY id)
+  FROM mtm.nodes n LEFT JOIN mtm.node_state s ON s.id = n.id
+  WHERE n.is_self
+$f$;
+
+CREATE OR REPLACE FUNCTION mtm.nodes()
+RETURNS TABLE (id int, conninfo text, is_self bool, enabled bool, connected bool,
+               sender_pid int, receiver_pid int, n_workers int, receiver_mode text,
+               replication_lag_bytes numeric, applied_remote_lsn pg_lsn)
+LANGUAGE sql STABLE AS $f$
+  SELECT n.id, n.address, n.is_self, true,
+         n.is_self OR coalesce(n.id = ANY((SELECT st.connected FROM mtm.status() st)::int[]),
+                               false),
+         sl.active_pid, NULL::int, CASE WHEN n.is_self THEN 0 ELSE 1 END,
+         CASE WHEN n.is_self THEN NULL ELSE 'normal' END,
+         CASE WHEN n.is_self THEN 0
+              ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), sl.confirmed_flush_lsn) END,
+         os.remote_lsn
+  FROM mtm.nodes n
+  LEFT JOIN pg_replication_slots sl ON sl.slot_name = 'mtm_slot_' || n.id
+  LEFT JOIN pg_replication_origin o ON o.roname = 'mtm_node_' || n.id
+  LEFT JOIN pg_replication_origin_status os ON os.local_id = o.roident
+  ORDER BY n.id
+$f$;
+
+CREATE OR REPLACE FUNCTION mtm.ping() RETURNS bool LANGUAGE plpgsql STABLE AS $f$
+DECLARE st record;
+BEGIN
+  SELECT * INTO st FROM mtm.status();
+  IF st.status IS DISTINCT FROM 'online' THEN
+    RAISE EXCEPTION 'multimaster node is not online: current status "%"', coalesce(st.status, 'disabled')
+      USING ERRCODE = '55000';
+  END IF;
+  IF st.gen_members_online <> st.gen_members THEN
+    RAISE EXCEPTION 'node(s) % of generation % are not connected',
+      ARRAY(SELECT unnest(st.gen_members) EXCEPT SELECT unnest(st.gen_members_online)), st.gen_num
+      USING ERRCODE = '55000';
+  END IF;
+  RETURN true;
+END $f$;
+
 CREATE OR REPLACE FUNCTION mtm.ddl_guard() RETURNS event_trigger LANGUAGE plpgsql AS $f$
 BEGIN
   IF coalesce(current_setting('mtm.capture', true), '') <> 'on' THEN
@@ -181,7 +237,8 @@ END $d$;
 """
 
 
-async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[int]) -> None:
+async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[int],
+                    addresses: dict[int, str] | None = None) -> None:
     """Idempotent: safe to run again on a node that is already set up."""
     assert conn.autocommit
     c = conn
@@ -190,7 +247,8 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
     async with c.transaction():
         await c.execute("DELETE FROM mtm.nodes")
         for i in all_ids:
-            await c.execute("INSERT INTO mtm.nodes VALUES (%s, %s)", (i, i == node_id))
+            await c.execute("INSERT INTO mtm.nodes VALUES (%s, %s, %s)",
+                            (i, i == node_id, (addresses or {}).get(i)))
     # guard every existing replicated table
     await c.execute("""
         SELECT mtm.add_commit_guard(c.oid::regclass) FROM pg_class c
@@ -233,5 +291,7 @@ async def init_local_node(cfg) -> list[str]:
                                                      autocommit=True) as conn:
         problems = await check_settings(conn, len(ids))
         if not problems:
-            await init_node(conn, cfg.node.id, ids)
+            addresses = {cfg.node.id: cfg.node.listen}
+            addresses.update({p.id: p.client_address for p in cfg.peers})
+            await init_node(conn, cfg.node.id, ids, addresses)
         return problems

@@ -95,6 +95,7 @@ class ReplicationNode:
             self.tasks.append(asyncio.create_task(self._sender(peer)))
             self.tasks.append(asyncio.create_task(self._receiver(peer)))
         self.tasks.append(asyncio.create_task(self._ticker()))
+        self.tasks.append(asyncio.create_task(self._publish_state()))
         self.log.info("replication_started", peers=sorted(self.peers),
                       generation=self.generation.num)
 
@@ -168,6 +169,28 @@ class ReplicationNode:
         while True:
             await asyncio.sleep(TICK_S)
             await self.execute(self.coord.tick(_now_ms()))
+
+    def connected_peers(self) -> list[int]:
+        """Peers we reach and that reach us."""
+        return sorted(p for p in self.peers if p in self.out and p in self.incoming)
+
+    async def _publish_state(self) -> None:
+        """Refresh mtm.node_state for mtm.status()/nodes()/ping()."""
+        while True:
+            connected = self.connected_peers()
+            status = "online" if len(connected) == len(self.peers) else "isolated"
+            try:
+                await self._sql(
+                    "INSERT INTO mtm.node_state (id, status, gen_num, gen_members, connected) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "status = excluded.status, gen_num = excluded.gen_num, "
+                    "gen_members = excluded.gen_members, connected = excluded.connected, "
+                    "updated_at = clock_timestamp()",
+                    (self.id, status, self.generation.num, sorted(self.generation.members),
+                     connected))
+            except psycopg.Error as e:
+                self.log.warning("state_publish_failed", error=str(e))
+            await asyncio.sleep(0.5)
 
     # -- links ------------------------------------------------------------------------------
 

@@ -201,6 +201,16 @@ class Cluster:
         for p in self.proxies:
             wait_for(lambda p=p: any(e["event"] == "cluster_mode_on" for e in p.events()),
                      timeout=30, what="cluster mode")
+        for i in range(1, n + 1):
+            wait_for(lambda i=i: self.pings(i), timeout=30, what=f"mtm.ping() on node {i}")
+
+    def pings(self, i: int) -> bool:
+        import psycopg
+        try:
+            with psycopg.connect(self.dsn(i), autocommit=True) as conn:
+                return conn.execute("SELECT mtm.ping()").fetchone() == (True,)
+        except psycopg.Error:
+            return False
 
     def dsn(self, i: int, **kw) -> str:
         return self.proxies[i - 1].dsn(**kw)

@@ -347,3 +347,28 @@ def test_sequences_never_collide_across_nodes(cluster):
     # each node's own sequence state hands out its own residue
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT nextval('free_seq') % 16") == [(i,)]
+
+
+def test_monitoring_functions(cluster):
+    for i in (1, 2, 3):
+        assert cluster.pings(i)
+    for i in (1, 2, 3):
+        [st] = rows(cluster, i, "SELECT * FROM mtm.status()")
+        assert st == (i, "online", sorted({1, 2, 3} - {i}), 1, [1, 2, 3], [1, 2, 3], [1, 2, 3])
+        nodes = rows(cluster, i, "SELECT id, conninfo, is_self, connected, "
+                                 "replication_lag_bytes >= 0, sender_pid IS NOT NULL OR is_self "
+                                 "FROM mtm.nodes()")
+        assert [(n[0], n[2], n[3], n[4], n[5]) for n in nodes] == \
+            [(j, j == i, True, True, True) for j in (1, 2, 3)]
+        assert all(n[1].startswith("127.0.0.1:") for n in nodes)
+    # a node whose proxy stopped refreshing its state reports itself
+    # disabled and ping fails; inside this transaction our row lock keeps
+    # the proxy's refresh out until we roll back
+    with psycopg.connect(cluster.direct(1).dsn()) as d:
+        d.execute("UPDATE mtm.node_state SET updated_at = now() - interval '1 hour'")
+        assert d.execute("SELECT status FROM mtm.status()").fetchone() == ("disabled",)
+        d.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                           match='multimaster node is not online: current status "disabled"'):
+            d.execute("SELECT mtm.ping()")
+        d.rollback()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
+from pglast.enums import TransactionStmtKind
 
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
 
@@ -48,6 +49,7 @@ class Plan:
     makes_rows: bool = False
     reason: str = ""
     sql: str = ""            # the statement text, kept for DDL capture
+    temp: bool = False       # creates a temporary object: local, committed plainly
 
 
 def combine(plans: list) -> Plan:
@@ -88,6 +90,27 @@ def _walk(node):
             stack.extend(n)
 
 
+def _is_temp_ddl(s) -> bool:
+    """CREATE TEMP TABLE / SEQUENCE / VIEW, CREATE TEMP TABLE AS."""
+    rel = None
+    if isinstance(s, (ast.CreateStmt, ast.CreateSeqStmt)):
+        rel = s.relation if isinstance(s, ast.CreateStmt) else s.sequence
+    elif isinstance(s, ast.CreateTableAsStmt):
+        rel = s.into.rel
+    elif isinstance(s, ast.ViewStmt):
+        rel = s.view
+    return rel is not None and rel.relpersistence == "t"
+
+
+def _calls_make_table_local(s) -> bool:
+    for n in _walk(s):
+        if isinstance(n, ast.FuncCall):
+            name = [getattr(x, "sval", "") for x in n.funcname]
+            if name == ["mtm", "make_table_local"]:
+                return True
+    return False
+
+
 def classify(sql: str) -> Plan:
     if _LONE_COMMIT.match(sql):
         return Plan(COMMIT)
@@ -102,6 +125,15 @@ def classify(sql: str) -> Plan:
     for raw in stmts:
         s = raw.stmt
         if isinstance(s, ast.TransactionStmt):
+            if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE:
+                return Plan(REFUSE, reason="PREPARE TRANSACTION by clients is not supported by "
+                                           "the cluster: every commit already is a two-phase "
+                                           "commit across the nodes")
+            if s.kind in (TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+                          TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED) \
+                    and (s.gid or "").startswith("MTM-"):
+                return Plan(REFUSE, reason=f"transaction {s.gid} is managed by the cluster's "
+                                           "commit protocol and cannot be finished by hand")
             if s.chain:
                 return Plan(REFUSE, reason="COMMIT AND CHAIN / ROLLBACK AND CHAIN is not "
                                            "supported by the cluster")
@@ -117,7 +149,12 @@ def classify(sql: str) -> Plan:
         elif isinstance(s, ast.ExplainStmt):
             analyze = any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
             kinds.append(WRAP if analyze else PASS)
+        elif isinstance(s, ast.SelectStmt) and _calls_make_table_local(s):
+            ddl = True
+            kinds.append(WRAP)
         elif isinstance(s, ast.SelectStmt):
+            if s.intoClause is not None and s.intoClause.rel.relpersistence == "t":
+                return Plan(WRAP, temp=True)
             if s.intoClause is not None:
                 ddl = makes_rows = True
                 kinds.append(WRAP)
@@ -126,6 +163,11 @@ def classify(sql: str) -> Plan:
         elif isinstance(s, ast.CopyStmt):
             kinds.append(WRAP if s.is_from else PASS)
         elif isinstance(s, _DML_TYPES):
+            kinds.append(WRAP)
+        elif _is_temp_ddl(s):
+            return Plan(WRAP, temp=True)
+        elif _calls_make_table_local(s):
+            ddl = True
             kinds.append(WRAP)
         else:
             ddl = True
@@ -162,6 +204,13 @@ def capture_sql(query: str, makes_rows: bool) -> str:
 
 DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
 XID_CHECK_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+# For sessions that use temporary tables: did this transaction touch one?
+# (A transaction keeps its locks on every relation it used until it ends.)
+XID_TEMP_CHECK_SQL = (
+    "SELECT pg_current_xact_id_if_assigned() IS NOT NULL, EXISTS (SELECT 1 FROM pg_locks l "
+    "JOIN pg_class c ON c.oid = l.relation WHERE l.pid = pg_backend_pid() "
+    "AND c.relpersistence = 't')")
+TEMP_COMMIT_SQL = "SET LOCAL mtm.temp_commit = 'on'; COMMIT"
 
 
 def prepare_sql(gid: str) -> str:

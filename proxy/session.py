@@ -139,7 +139,7 @@ class Session:
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
         "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
-        "_batch_plans", "_stmts", "_portals", "_plan_cache")
+        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -174,6 +174,7 @@ class Session:
         self._stmts: dict[str, object] = {}     # prepared statement -> Plan
         self._portals: dict[str, str] = {}      # portal -> statement
         self._plan_cache: dict[str, object] = {}
+        self._uses_temp = False    # this session created temporary objects
 
     # -- helpers -------------------------------------------------------------
 
@@ -579,6 +580,20 @@ class Session:
         final = ""
         if kind == intercept.REFUSE:
             final = "refuse"
+        elif plan.temp:
+            # Temporary objects stay on this node and PostgreSQL cannot
+            # PREPARE a transaction that used them: run the DDL past the DDL
+            # guard without shipping it, and commit plainly.
+            self._uses_temp = True
+            if status == b"I":
+                steps = [("own", "BEGIN; SET LOCAL mtm.capture = 'on'"), ("client",),
+                         ("own", "COMMIT")]
+                final = "wrap"
+            elif status == b"T":
+                steps, final = [("own", "SET LOCAL mtm.capture = 'on'"), ("client",)], "relay"
+            else:
+                self.pending_syncs += 1
+                return raw
         elif kind == intercept.COMMIT and status == b"T":
             steps, final = [("xid",)], ("xcommit" if extended else "commit")
         elif kind == intercept.WRAP and status == b"I":
@@ -666,7 +681,8 @@ class Session:
         elif step[0] == "client":
             self.effects.append(SendServer(f.raw))
         elif step[0] == "xid":
-            self.effects.append(SendServer(wire.Query(intercept.XID_CHECK_SQL).encode()))
+            q = intercept.XID_TEMP_CHECK_SQL if self._uses_temp else intercept.XID_CHECK_SQL
+            self.effects.append(SendServer(wire.Query(q).encode()))
         elif step[0] == "prepare":
             f.gid = self.next_gid()
             self.effects.append(SendServer(wire.Query(intercept.prepare_sql(f.gid)).encode()))
@@ -723,7 +739,16 @@ class Session:
                 f.steps = []
         elif step[0] == "xid":
             wrote = bool(f.rows) and f.rows[0][0] == b"t"
-            if wrote:
+            used_temp = bool(f.rows) and len(f.rows[0]) > 1 and f.rows[0][1] == b"t"
+            if wrote and used_temp:
+                # Cannot be prepared: commit it here only. The commit guard
+                # refuses it if it also wrote replicated tables.
+                if f.final in ("commit", "xcommit"):
+                    f.steps = [("own", "SET LOCAL mtm.temp_commit = 'on'"), ("client",)]
+                    f.final = "relay"
+                else:
+                    f.steps = [("own", intercept.TEMP_COMMIT_SQL)]
+            elif wrote:
                 f.steps = [("prepare",)]
             elif f.final in ("commit", "xcommit"):
                 f.steps = [("client",)]      # nothing to replicate: plain COMMIT

@@ -85,6 +85,11 @@ CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
 
 CREATE OR REPLACE FUNCTION mtm.commit_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
+  IF coalesce(current_setting('mtm.temp_commit', true), '') = 'on' THEN
+    RAISE EXCEPTION 'mmproxy: a transaction that used temporary tables cannot also write to replicated table %.%', TG_TABLE_SCHEMA, TG_TABLE_NAME
+      USING ERRCODE = '0A000',
+            HINT = 'PostgreSQL cannot PREPARE a transaction that touched temporary objects, so it cannot be committed on every node. Write to temporary and replicated tables in separate transactions. Nothing was committed.';
+  END IF;
   IF coalesce(current_setting('mtm.preparing', true), '') <> 'on' THEN
     RAISE EXCEPTION 'mmproxy: this transaction wrote to replicated table %.% but did not go through the cluster commit protocol', TG_TABLE_SCHEMA, TG_TABLE_NAME
       USING ERRCODE = '0A000',
@@ -151,6 +156,14 @@ BEGIN
   LOOP
     PERFORM mtm.adjust_sequence(r.objid::regclass);
   END LOOP;
+END $f$;
+
+-- A table whose changes stay on its node. Called through a proxy, the call
+-- is shipped like DDL, so every node marks the table local.
+CREATE OR REPLACE FUNCTION mtm.make_table_local(rel regclass) RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+  INSERT INTO mtm.local_tables VALUES (rel) ON CONFLICT DO NOTHING;
+  EXECUTE format('DROP TRIGGER IF EXISTS mtm_commit_guard ON %s', rel);
 END $f$;
 
 -- Monitoring, with mmts's columns. The proxy refreshes mtm.node_state every

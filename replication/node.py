@@ -151,6 +151,17 @@ class ReplicationNode:
                 if fut is not None and not fut.done():
                     fut.set_result(a)
 
+    async def _is_local(self, namespace: str, name: str) -> bool:
+        conn = await self.pool.get()
+        try:
+            row = await (await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM mtm.local_tables WHERE rel = "
+                "to_regclass(format('%%I.%%I', %s::text, %s::text)))",
+                (namespace, name))).fetchone()
+            return bool(row[0])
+        finally:
+            self.pool.put_nowait(conn)
+
     async def _sql(self, query, params=()) -> None:
         conn = await self.pool.get()
         try:
@@ -278,7 +289,7 @@ class ReplicationNode:
             await asyncio.sleep(0.2)
 
     async def _forward(self, peer: int, stream: SlotStream) -> None:
-        mtm_rels: set[int] = set()
+        mtm_rels: set[int] = set()     # tables whose changes are never shipped
         held: list = []          # Begin (and Relations) not yet sent
         skipping = False
         sent_data = False
@@ -298,10 +309,14 @@ class ReplicationNode:
                 continue
             if cls is po.Relation or cls is po.Type:
                 # Schema messages are sent once per walsender session, even
-                # inside a transaction we skip: always forward them.
-                if cls is po.Relation and msg.namespace == "mtm":
+                # inside a transaction we skip: always forward them. A
+                # Relation is re-sent after any change to its table, so this
+                # is where a table becoming local is noticed.
+                if cls is po.Relation and (msg.namespace == "mtm" or
+                                           await self._is_local(msg.namespace, msg.name)):
                     mtm_rels.add(msg.relid)
                 else:
+                    mtm_rels.discard(getattr(msg, "relid", None))
                     w.write(link.replication(lsn, payload))
                 continue
             if cls is po.Commit or cls is po.Prepare:

@@ -372,3 +372,65 @@ def test_monitoring_functions(cluster):
                            match='multimaster node is not online: current status "disabled"'):
             d.execute("SELECT mtm.ping()")
         d.rollback()
+
+
+def test_temp_tables_as_scratch_space(cluster):
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS perm (id int PRIMARY KEY, v text)")
+        c.execute("CREATE TEMP TABLE scratch (id int, v text)")
+        c.execute("INSERT INTO scratch SELECT g, 'tmp' || g FROM generate_series(1, 5) g")
+        assert c.execute("SELECT count(*) FROM scratch").fetchone() == (5,)
+        # replicated writes in their own transactions still replicate
+        c.execute("INSERT INTO perm VALUES (1, 'kept')")
+        # a transaction mixing both cannot be prepared: refused, nothing kept
+        with pytest.raises(psycopg.errors.FeatureNotSupported,
+                           match="used temporary tables cannot also write to replicated"):
+            with c.transaction():
+                c.execute("INSERT INTO scratch VALUES (99, 'x')")
+                c.execute("INSERT INTO perm VALUES (2, 'mixed')")
+        assert c.execute("SELECT count(*) FROM scratch WHERE id = 99").fetchone() == (0,)
+        c.execute("CREATE TEMP TABLE scratch2 AS SELECT * FROM perm")
+        assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (1,)
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept")]
+        assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'") \
+            == [(0,)]
+
+
+def test_make_table_local(cluster):
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE loc (id int PRIMARY KEY, node int)")
+        c.execute("SELECT mtm.make_table_local('loc')")
+    for i in (1, 2, 3):
+        with psycopg.connect(cluster.dsn(i), autocommit=True) as c:
+            c.execute("INSERT INTO loc VALUES (%s, %s)", (i, i))
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT * FROM loc") == [(i, i)]
+        assert rows(cluster, i, "SELECT count(*) FROM mtm.local_tables") == [(1,)]
+
+
+def test_client_two_phase_commands_are_refused(cluster):
+    with psycopg.connect(cluster.dsn(2)) as c:
+        c.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="PREPARE TRANSACTION"):
+            c.execute("PREPARE TRANSACTION 'mine'")
+        c.rollback()
+    with psycopg.connect(cluster.dsn(2), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="managed by the cluster"):
+            c.execute("COMMIT PREPARED 'MTM-1-1-5'")
+
+
+def test_tables_without_primary_key(cluster):
+    """Inserts replicate; UPDATE/DELETE need a replica identity, and
+    PostgreSQL itself refuses them on the origin otherwise (55000)."""
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("CREATE TABLE nopk (a int, b text)")
+        c.execute("INSERT INTO nopk VALUES (1, 'x'), (1, 'x')")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                           match="does not have a replica identity"):
+            c.execute("UPDATE nopk SET b = 'y'")
+        c.execute("ALTER TABLE nopk REPLICA IDENTITY FULL")
+        c.execute("UPDATE nopk SET b = 'y' WHERE ctid = (SELECT min(ctid) FROM nopk)")
+        c.execute("DELETE FROM nopk WHERE b = 'x'")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT * FROM nopk") == [(1, "y")]

@@ -122,7 +122,9 @@ _P, _B, _EXEC, _FLUSH = ord("P"), ord("B"), ord("E"), ord("H")
 # In cluster mode every statement cycle is looked at: simple Query, and the
 # extended-protocol messages that say which statement runs (Parse, Bind,
 # Execute) and where a cycle ends (Sync, Flush).
-_CLUSTER_CLIENT_INSPECT = frozenset(b"QPBESHX")
+# Everything but COPY data is inspected, so a raw run is always COPY data.
+_CLUSTER_CLIENT_INSPECT = frozenset(b"QPBESHXDCF")
+_DESCRIBE, _CLOSE = ord("D"), ord("C")
 _STMT_CACHE_MAX = 10000
 
 
@@ -199,7 +201,7 @@ class Session:
 
     def _ready_client_framer(self) -> Framer:
         if self.cluster:
-            inspect, count = _CLUSTER_CLIENT_INSPECT, (_F,)
+            inspect, count = _CLUSTER_CLIENT_INSPECT, ()
         else:
             inspect, count = _READY_CLIENT_INSPECT, (_Q, _SYNC, _F)
         return Framer(inspect, frontend=True, allowed=_READY_CLIENT_ALLOWED,
@@ -288,6 +290,13 @@ class Session:
                 out.append(fwd)
             elif t in (_P, _B, _EXEC):
                 self._batch_add(it)
+            elif t == _DESCRIBE or t == _CLOSE:
+                if self._batch is None:
+                    self._batch = []
+                self._batch.append(it.raw)
+            elif t == _F:
+                self.pending_syncs += 1     # FunctionCall ends with ReadyForQuery
+                out.append(it.raw)
             elif t == _SYNC:
                 if self._batch is None:
                     self._batch = []
@@ -650,15 +659,19 @@ class Session:
 
     def _flow_client_bytes(self, data: bytes) -> bytes | None:
         f = self._flow
-        if f.step == ("client",) and not self._held and data[:1] in (b"d", b"c", b"f"):
-            # COPY FROM STDIN of the client's own Query: let it through,
-            # up to the first message that is not COPY data.
+        if f.step == ("client",) and not self._held:
+            # COPY FROM STDIN of the client's own statement: raw runs are
+            # COPY data (every other type is inspected in cluster mode) and
+            # pass; the first other message and all after it are held.
+            try:
+                items = self._cf.feed(data)
+            except ProtocolViolation as e:
+                self._fail(PROTOCOL_VIOLATION, str(e))
+                return None
             out = []
-            items = self._cf.feed(data)
             for i, it in enumerate(items):
-                if it.__class__ is Message or (it[:1] not in (b"d", b"c", b"f") and not out):
-                    self._hold_from(it if it.__class__ is Message else None,
-                                    items[i:] if it.__class__ is not Message else items[i + 1:])
+                if it.__class__ is Message:
+                    self._hold_from(it, items[i + 1:])
                     break
                 out.append(it)
             return b"".join(out) if out else None

@@ -434,3 +434,94 @@ def test_tables_without_primary_key(cluster):
         c.execute("DELETE FROM nopk WHERE b = 'x'")
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM nopk") == [(1, "y")]
+
+
+def test_copy_and_a_large_transaction_with_bounded_memory(cluster):
+    """COPY FROM STDIN in autocommit goes through the commit protocol; a
+    100,000-row, ~100 MB transaction replicates while no proxy's memory
+    grows by more than a fraction of it."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE big (id int PRIMARY KEY, pad text)")
+    rss0 = [p.rss_kb() for p in cluster.proxies]
+    pad = "x" * 1000
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        with c.cursor().copy("COPY big FROM STDIN") as copy:
+            for i in range(100_000):
+                copy.write_row((i, pad))
+    growth_mb = [(p.rss_kb() - r) / 1024 for p, r in zip(cluster.proxies, rss0)]
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT count(*), sum(length(pad)) FROM big") == \
+            [(100_000, 100_000_000)]
+    assert max(growth_mb) < 60, f"proxy RSS grew by {growth_mb} MB for a 100 MB transaction"
+    with psycopg.connect(cluster.dsn(2), autocommit=True) as c:
+        c.execute("DELETE FROM big WHERE id % 2 = 0")        # 50,000 deletes in one go
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT count(*) FROM big") == [(50_000,)]
+    wait_for(lambda: no_prepared_left(cluster), what="no prepared transactions")
+
+
+def test_cross_node_deadlock_is_broken_with_40001(cluster):
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE dl (id int PRIMARY KEY, n int)")
+        c.execute("INSERT INTO dl VALUES (1, 0), (2, 0)")
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def worker(node: int, first: int, second: int):
+        with psycopg.connect(cluster.dsn(node)) as conn:
+            t0 = time.monotonic()
+            try:
+                conn.execute("UPDATE dl SET n = n + 1 WHERE id = %s", (first,))
+                barrier.wait()
+                conn.execute("UPDATE dl SET n = n + 1 WHERE id = %s", (second,))
+                conn.commit()
+                results[node] = ("ok", time.monotonic() - t0)
+            except psycopg.Error as e:
+                results[node] = (e.sqlstate, time.monotonic() - t0)
+
+    # each node updates the two rows in the opposite order
+    ts = [threading.Thread(target=worker, args=(1, 1, 2)),
+          threading.Thread(target=worker, args=(2, 2, 1))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert len(results) == 2, results
+    assert all(r[0] in ("ok", "40001") for r in results.values()), results
+    assert all(r[1] < 10 for r in results.values()), results
+    ok = sum(r[0] == "ok" for r in results.values())
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT sum(n) FROM dl") == [(2 * ok,)]
+    assert no_prepared_left(cluster)
+
+
+def test_ddl_suite_types_functions_alter_drop(cluster):
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
+        c.execute("CREATE TYPE pair AS (a int, b text)")
+        c.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
+        c.execute("CREATE TABLE people (id posint PRIMARY KEY, m mood, p pair)")
+        c.execute("INSERT INTO people VALUES (1, 'ok', ROW(1, 'x'))")
+        c.execute("ALTER TYPE mood ADD VALUE 'ecstatic'")
+        c.execute("INSERT INTO people VALUES (2, 'ecstatic', ROW(2, 'y'))")
+        c.execute("""CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN NEW.m := 'happy'; RETURN NEW; END $$""")
+        c.execute("CREATE TRIGGER people_bump BEFORE INSERT ON people FOR EACH ROW "
+                  "WHEN (NEW.m = 'sad') EXECUTE FUNCTION bump()")
+        c.execute("INSERT INTO people VALUES (3, 'sad', ROW(3, 'z'))")
+        c.execute("ALTER TABLE people RENAME COLUMN p TO pr")
+        c.execute("COMMENT ON TABLE people IS 'replicated comment'")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            c.execute("INSERT INTO people VALUES (-1, 'ok', NULL)")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT id, m::text, (pr).b FROM people ORDER BY id") == \
+            [(1, "ok", "x"), (2, "ecstatic", "y"), (3, "happy", "z")]
+        assert rows(cluster, i, "SELECT obj_description('people'::regclass)") == \
+            [("replicated comment",)]
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("DROP TABLE people")
+        c.execute("DROP TYPE mood, pair")
+        c.execute("DROP DOMAIN posint")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT count(*) FROM pg_type WHERE typname IN "
+                                "('mood', 'pair', 'posint')") == [(0,)]

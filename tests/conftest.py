@@ -172,13 +172,13 @@ class Cluster:
     """N PostgreSQL servers, each initialized for the cluster and fronted by
     its own mmproxy process, all on loopback."""
 
-    def __init__(self, workdir: Path, n: int = 3, name: str = "cluster"):
+    def __init__(self, workdir: Path, n: int = 3, name: str = "cluster", fsync: bool = False):
         import asyncio
 
         from config import load_config
         from replication.cluster import init_local_node
         self.n = n
-        self.pgs = [LocalPostgres(workdir / f"{name}{i}", fsync=False).init().start()
+        self.pgs = [LocalPostgres(workdir / f"{name}{i}", fsync=fsync).init().start()
                     for i in range(1, n + 1)]
         ports = [free_port() for _ in range(n)]
         links = [free_port() for _ in range(n)]

@@ -28,6 +28,9 @@ Transaction Commit"):
 - After the precommit the outcome is commit, always: the coordinator keeps
   retransmitting until it is done. (A coordinator that *crashes* after
   precommitting leaves the gid to the resolver of the recovery layer.)
+- Conflicts between prepared transactions are settled by age (wound-wait):
+  a ``Wound`` from a node whose applier waits on this transaction aborts
+  it if it is younger than the one waiting and still collecting votes.
 - Lost messages are retransmitted every ``retry_ms``: ``VoteRequest`` for
   missing votes, ``Precommit`` for missing acks, ``Decision`` for missing
   commit acks. Every handler is idempotent, so duplicates are harmless.
@@ -54,6 +57,16 @@ _GID_RE = re.compile(r"^MTM-(\d+)-(\d+)-(\d+)$")
 
 def make_gid(node_id: int, generation: int, seq: int) -> str:
     return f"MTM-{node_id}-{generation}-{seq}"
+
+
+def older(a: str, b: str) -> bool:
+    """Is transaction ``a`` older than ``b``? gids carry a time-based
+    sequence, so their order is the order their commits began; the node id
+    breaks ties. Unknown gids are never older."""
+    pa, pb = parse_gid(a), parse_gid(b)
+    if pa is None or pb is None:
+        return False
+    return (pa[2], pa[0]) < (pb[2], pb[0])
 
 
 def parse_gid(gid: str) -> tuple[int, int, int] | None:
@@ -108,6 +121,16 @@ class Decision:
     gid: str
     sender: int
     commit: bool
+
+
+@dataclass(frozen=True)
+class Wound:
+    """Sent by a node whose applier, applying the older transaction
+    ``by_gid``, waits for a lock held by the prepared ``gid``: abort ``gid``
+    if it is still collecting votes (wound-wait; the older one wins)."""
+    gid: str
+    sender: int
+    by_gid: str
 
 
 @dataclass(frozen=True)
@@ -207,9 +230,17 @@ class Coordinator:
 
     def receive(self, msg, now_ms: int) -> list:
         t = self.txns.get(msg.gid)
-        if t is None or msg.sender not in self._peers(t):
+        if t is None:
             return []
         cls = msg.__class__
+        if cls is Wound:
+            if t.state != VOTING or not older(msg.by_gid, msg.gid):
+                return []   # past the precommit, the outcome is commit
+            return self._abort(t, SERIALIZATION_FAILURE,
+                               f"could not serialize access: the transaction conflicts with the "
+                               f"older transaction {msg.by_gid} on node {msg.sender}")
+        if msg.sender not in self._peers(t):
+            return []
         if cls is Vote:
             if t.state != VOTING or msg.sender in t.votes:
                 return []

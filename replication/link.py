@@ -27,7 +27,8 @@ _Q = struct.Struct("!Q")
 _I = struct.Struct("!I")
 
 _MSG_TYPES = {cls.__name__: cls for cls in (cp.Vote, cp.VoteRequest, cp.Precommit,
-                                            cp.PrecommitAck, cp.Decision, cp.CommitAck)}
+                                            cp.PrecommitAck, cp.Decision, cp.CommitAck,
+                                            cp.Wound)}
 
 
 class LinkError(ValueError):

@@ -60,8 +60,10 @@ class ReplicationNode:
         pg = cfg.postgres
         self.conninfo = pg.conninfo()
         self.password = pg.password()
-        self._seq_base = int(time.time() * 1000) * 1000
         self._seq = 0
+        # peer -> (applier backend pid, gid being applied) while it applies
+        self.applying: dict[int, tuple[int, str]] = {}
+        self._wounded: set[str] = set()
         self.out: dict[int, asyncio.StreamWriter] = {}
         self.out_ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in self.peers}
         self.streams: dict[int, SlotStream] = {}
@@ -96,6 +98,7 @@ class ReplicationNode:
             self.tasks.append(asyncio.create_task(self._receiver(peer)))
         self.tasks.append(asyncio.create_task(self._ticker()))
         self.tasks.append(asyncio.create_task(self._publish_state()))
+        self.tasks.append(asyncio.create_task(self._conflict_watchdog()))
         self.log.info("replication_started", peers=sorted(self.peers),
                       generation=self.generation.num)
 
@@ -115,8 +118,10 @@ class ReplicationNode:
     # -- the commit protocol, for client sessions -----------------------------------
 
     def next_gid(self) -> str:
-        self._seq += 1
-        return cp.make_gid(self.id, self.generation.num, self._seq_base + self._seq)
+        # Microseconds since the epoch, strictly increasing: gids order by
+        # when their commits began (wound-wait compares them).
+        self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+        return cp.make_gid(self.id, self.generation.num, self._seq)
 
     async def commit(self, gid: str) -> cp.Reply:
         """``gid`` is prepared locally: run the protocol, return the outcome."""
@@ -180,6 +185,45 @@ class ReplicationNode:
         while True:
             await asyncio.sleep(TICK_S)
             await self.execute(self.coord.tick(_now_ms()))
+
+    async def _conflict_watchdog(self) -> None:
+        """Wound-wait: an applier applying gid A that waits for a row lock
+        held by the prepared gid B, where B is younger than A, gets B
+        aborted by B's coordinator (if B is still collecting votes). Without
+        this, such waits last until apply_lock_timeout_ms, and every later
+        transaction of that peer queues behind them."""
+        while True:
+            await asyncio.sleep(0.02)
+            applying = {pid: gid for pid, gid in self.applying.values()}
+            if not applying:
+                continue
+            conn = await self.pool.get()
+            try:
+                blocked = await (await conn.execute(
+                    "SELECT w.pid, px.gid FROM pg_locks w JOIN pg_locks h "
+                    "ON h.locktype = 'transactionid' AND h.transactionid = w.transactionid "
+                    "AND h.granted JOIN pg_prepared_xacts px ON px.transaction = h.transactionid "
+                    "WHERE NOT w.granted AND w.locktype = 'transactionid' AND w.pid = ANY(%s)",
+                    (list(applying),))).fetchall()
+            except psycopg.Error as e:
+                self.log.warning("watchdog_failed", error=str(e))
+                continue
+            finally:
+                self.pool.put_nowait(conn)
+            for pid, blocker in blocked:
+                waiting = applying.get(pid)
+                if waiting is None or blocker in self._wounded or not cp.older(waiting, blocker):
+                    continue
+                self._wounded.add(blocker)
+                if len(self._wounded) > 10000:
+                    self._wounded.clear()
+                owner = cp.parse_gid(blocker)[0]
+                msg = cp.Wound(blocker, self.id, waiting)
+                self.log.info("wound", gid=blocker, by_gid=waiting, owner=owner)
+                if owner == self.id:
+                    await self.execute(self.coord.receive(msg, _now_ms()))
+                elif owner in self.out:
+                    self.out[owner].write(link.protocol(msg))
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""
@@ -369,6 +413,7 @@ class ReplicationNode:
                                   lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
                 await applier.setup()
                 applier_epoch = self.link_epoch[peer]
+                pid = conn.info.backend_pid
                 inbox = self.inbox[peer]
                 while True:
                     epoch, payload = await inbox.get()
@@ -379,13 +424,18 @@ class ReplicationNode:
                     applier_epoch = epoch
                     lsn, raw = link.unpack_lsn(payload)
                     msg = po.decode(raw)
+                    if msg.__class__ is po.BeginPrepare:
+                        self.applying[peer] = (pid, msg.gid)
                     r = await applier.apply(msg)
+                    if applier.idle:
+                        self.applying.pop(peer, None)
                     if r is None:
                         continue
                     await self._applied(peer, msg, r)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # psycopg errors, ApplyError: restart cleanly
+                self.applying.pop(peer, None)
                 self.log.error("apply_failed", peer=peer, error=str(e))
                 self._reset_link(peer)
                 await asyncio.sleep(0.5)

@@ -84,6 +84,25 @@ def test_generation_switch_aborts_only_unprecommitted():
     assert c.generation_changed(gen2, 5) == [AbortLocal(GID)]
 
 
+def test_wound_aborts_a_younger_transaction_still_voting():
+    from replication.commit import Wound, older
+    young, old = make_gid(1, 1, 2000), make_gid(2, 1, 1000)
+    assert older(old, young) and not older(young, old)
+    assert older(make_gid(1, 1, 5), make_gid(2, 1, 5))      # tie: lower node id
+    c = Coordinator(1, GEN)
+    c.start(young, 0)
+    assert c.receive(Wound(young, 2, make_gid(2, 1, 3000)), 1) == []   # by a younger: ignored
+    assert c.receive(Wound(young, 2, old), 1) == [AbortLocal(young)]
+    [reply] = c.local_done(young, False, 2)
+    assert reply.sqlstate == "40001" and old in reply.message
+    # after the precommit a wound changes nothing
+    c.start(make_gid(1, 1, 3000), 0)
+    g = make_gid(1, 1, 3000)
+    c.receive(Vote(g, 2, True), 1)
+    c.receive(Vote(g, 3, True), 1)
+    assert c.receive(Wound(g, 2, old), 2) == []
+
+
 def test_participant_votes_precommits_and_acks_idempotently():
     p = Participant(2, GEN)
     assert p.applied(GID, True) == [Send(1, Vote(GID, 2, True))]

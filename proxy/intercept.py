@@ -27,6 +27,7 @@ from pglast import ast
 from pglast.enums import TransactionStmtKind
 
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
+SERIALIZATION_FAILURE = "40001"
 
 _LONE_COMMIT = re.compile(r"^\s*(commit|end)(\s+(work|transaction))?\s*;?\s*$", re.I)
 
@@ -220,3 +221,9 @@ def prepare_sql(gid: str) -> str:
     g = quote_literal(gid)
     return (f"SET LOCAL mtm.preparing = 'on'; "
             f"SELECT pg_logical_emit_message(true, 'mtm_prepare', {g}); PREPARE TRANSACTION {g}")
+
+
+def wound_sql(message: str) -> str:
+    """Fails the current transaction with 40001 (see Session.wound)."""
+    return ("DO $mtm$BEGIN RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = "
+            f"{quote_literal(message)}; END$mtm$")

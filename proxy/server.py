@@ -54,6 +54,7 @@ class ProxyServer:
         self.sessions: set[ClientConnection] = set()
         # (backend pid, proxy secret) -> backend secret
         self.cancel_keys: dict[tuple[int, int], int] = {}
+        self.by_backend_pid: dict[int, ClientConnection] = {}
         self.ssl_context: ssl.SSLContext | None = None
         if cfg.tls is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -95,7 +96,7 @@ class ProxyServer:
             except psycopg.Error as e:
                 self.log.debug("cluster_check_failed", error=str(e))
             await asyncio.sleep(1)
-        node = ReplicationNode(self.cfg)
+        node = ReplicationNode(self.cfg, wound_backend=self.wound_backend)
         await node.start()
         self.node = node
         for conn in self.sessions:
@@ -126,6 +127,17 @@ class ProxyServer:
         transport.write(wire.CancelRequest(pid, backend_secret).encode())
         transport.close()
         self.log.info("cancel_request_forwarded", backend_pid=pid)
+
+    def wound_backend(self, pid: int, message: str) -> bool:
+        """Wound-wait (called by the replication node): end the transaction
+        of the client session whose backend is ``pid`` with 40001."""
+        conn = self.by_backend_pid.get(pid)
+        if conn is None or conn.closed:
+            return False
+        running = conn.core.wound(message)
+        if running and conn.cancel_key is not None:
+            asyncio.ensure_future(self.send_cancel(*conn.cancel_key))
+        return conn.core.wounded is not None
 
     async def shutdown(self, grace_ms: int | None = None) -> None:
         """Stop accepting; end idle sessions at once and busy ones at their
@@ -264,6 +276,7 @@ class ClientConnection(asyncio.Protocol):
                     self.startup_timer.cancel()
                 self.cancel_key = (eff.pid, eff.proxy_secret)
                 self.server.cancel_keys[self.cancel_key] = eff.backend_secret
+                self.server.by_backend_pid[eff.pid] = self
             elif cls is CancelQuery:
                 asyncio.ensure_future(self.server.send_cancel(eff.pid, eff.secret))
             elif cls is StartTLS:
@@ -329,6 +342,7 @@ class ClientConnection(asyncio.Protocol):
             self.startup_timer.cancel()
         if self.cancel_key is not None:
             self.server.cancel_keys.pop(self.cancel_key, None)
+            self.server.by_backend_pid.pop(self.cancel_key[0], None)
         if self.transport is not None:
             self.transport.close()
         if self.backend is not None:

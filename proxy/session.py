@@ -141,7 +141,7 @@ class Session:
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
         "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
-        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp")
+        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp", "wounded")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -177,6 +177,9 @@ class Session:
         self._portals: dict[str, str] = {}      # portal -> statement
         self._plan_cache: dict[str, object] = {}
         self._uses_temp = False    # this session created temporary objects
+        # Set by wound-wait: this session's transaction holds a lock an
+        # older cluster transaction needs. The message the client gets.
+        self.wounded: str | None = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -464,12 +467,30 @@ class Session:
             return items[0]
         return self._join_ready(items)
 
+    def wound(self, message: str) -> bool:
+        """Wound-wait: end this session's transaction with 40001. Returns
+        True when a statement is running (the shell then cancels it; the
+        cancel's 57014 is rewritten); otherwise the next statement fails."""
+        if self.phase is not Phase.READY or self.txn_status != b"T":
+            return False
+        self.wounded = message
+        return self.pending_syncs > 0
+
+    def _rewrite_wound(self, m: Message) -> bytes:
+        """A cancel we sent for wound-wait reaches the client as 40001."""
+        if self.wounded is not None and b"C57014\0" in m.body:
+            msg, self.wounded = self.wounded, None
+            return wire.error_response(intercept.SERIALIZATION_FAILURE, msg)
+        return m.raw
+
     def _join_ready(self, items: list) -> bytes:
         out = []
         for it in items:
             if it.__class__ is Message:
                 if it.type == _E:
                     self._note_error(it)
+                    out.append(self._rewrite_wound(it))
+                    continue
                 else:
                     ps = it.decode(frontend=False)
                     self.server_params[ps.name] = ps.value
@@ -587,7 +608,14 @@ class Session:
         kind = plan.kind
         steps: list = []
         final = ""
-        if kind == intercept.REFUSE:
+        if self.wounded is not None and status == b"T":
+            # Wounded while idle in its transaction: fail the transaction on
+            # the backend for real (so a later COMMIT becomes ROLLBACK) and
+            # answer this statement with the 40001.
+            msg, self.wounded = self.wounded, None
+            steps = [("own", intercept.wound_sql(msg))]
+            final = "wound"
+        elif kind == intercept.REFUSE:
             final = "refuse"
         elif plan.temp:
             # Temporary objects stay on this node and PostgreSQL cannot
@@ -715,16 +743,17 @@ class Session:
                     self._flow_step_done(it.body)
                 elif t == ord("N") and f.quiet_commit and b"C25P01\0" in it.body:
                     pass            # "there is no transaction in progress"
+                elif t == _E:
+                    self._note_error(it)
+                    out.append(self._rewrite_wound(it))
                 else:
-                    if t == _E:
-                        self._note_error(it)
                     out.append(it.raw)
                 continue
             if t == _Z:
                 self._flow_step_done(it.body)
             elif t == _E:
                 self._note_error(it)
-                f.error = it.raw
+                f.error = self._rewrite_wound(it)
             elif t == ord("D"):
                 f.rows.append(it.decode(frontend=False).values)
             elif t in (ord("N"), ord("A"), _S):
@@ -735,7 +764,7 @@ class Session:
         f = self._flow
         step = f.step
         self.txn_status = status
-        if f.error is not None and step[0] != "client":
+        if f.error is not None and step[0] != "client" and f.final != "wound":
             # One of our own statements failed: the client gets its error,
             # and a transaction the proxy opened is rolled back first.
             if f.final == "wrap" and status != b"I" and f.pending_error is None:
@@ -744,6 +773,9 @@ class Session:
                 self._flow_advance()
                 return
             self._flow_finish(f.pending_error or f.error)
+            return
+        if f.final == "wound":
+            self._flow_finish(f.error)
             return
         if step[0] == "client" and status == b"E":
             if f.final == "wrap":

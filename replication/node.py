@@ -46,7 +46,8 @@ RECEIVE_QUEUE_FRAMES = 10000     # per peer; a full queue stops reading the link
 
 
 class ReplicationNode:
-    def __init__(self, cfg: NodeConfig, *, retry_ms: int = 200, wait_peer_commits: bool = True):
+    def __init__(self, cfg: NodeConfig, *, retry_ms: int = 200, wait_peer_commits: bool = True,
+                 wound_backend=None):
         self.cfg = cfg
         self.id = cfg.node.id
         self.peers = {p.id: p for p in cfg.peers}
@@ -63,7 +64,9 @@ class ReplicationNode:
         self._seq = 0
         # peer -> (applier backend pid, gid being applied) while it applies
         self.applying: dict[int, tuple[int, str]] = {}
-        self._wounded: set[str] = set()
+        self._wounded: set = set()
+        # proxy callback: end a client session's transaction with 40001
+        self.wound_backend = wound_backend
         self.out: dict[int, asyncio.StreamWriter] = {}
         self.out_ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in self.peers}
         self.streams: dict[int, SlotStream] = {}
@@ -199,10 +202,14 @@ class ReplicationNode:
                 continue
             conn = await self.pool.get()
             try:
+                # Who holds the transaction lock each applier waits for: a
+                # prepared transaction (pid NULL in pg_locks, PG15-FACTS), or
+                # a backend (a client session, or another applier).
                 blocked = await (await conn.execute(
-                    "SELECT w.pid, px.gid FROM pg_locks w JOIN pg_locks h "
+                    "SELECT w.pid, px.gid, h.pid FROM pg_locks w JOIN pg_locks h "
                     "ON h.locktype = 'transactionid' AND h.transactionid = w.transactionid "
-                    "AND h.granted JOIN pg_prepared_xacts px ON px.transaction = h.transactionid "
+                    "AND h.granted LEFT JOIN pg_prepared_xacts px "
+                    "ON px.transaction = h.transactionid AND h.pid IS NULL "
                     "WHERE NOT w.granted AND w.locktype = 'transactionid' AND w.pid = ANY(%s)",
                     (list(applying),))).fetchall()
             except psycopg.Error as e:
@@ -210,9 +217,16 @@ class ReplicationNode:
                 continue
             finally:
                 self.pool.put_nowait(conn)
-            for pid, blocker in blocked:
+            for pid, blocker, holder_pid in blocked:
                 waiting = applying.get(pid)
-                if waiting is None or blocker in self._wounded or not cp.older(waiting, blocker):
+                if waiting is None:
+                    continue
+                if blocker is None and holder_pid is not None:
+                    blocker = applying.get(holder_pid)     # another applier
+                    if blocker is None:
+                        self._wound_session(holder_pid, waiting)
+                        continue
+                if blocker is None or blocker in self._wounded or not cp.older(waiting, blocker):
                     continue
                 self._wounded.add(blocker)
                 if len(self._wounded) > 10000:
@@ -224,6 +238,19 @@ class ReplicationNode:
                     await self.execute(self.coord.receive(msg, _now_ms()))
                 elif owner in self.out:
                     self.out[owner].write(link.protocol(msg))
+
+    def _wound_session(self, pid: int, by_gid: str) -> None:
+        """A client transaction that has not begun to commit holds what the
+        older, already prepared ``by_gid`` needs: in commit order it is the
+        younger one, so it gives way (first committer wins)."""
+        if self.wound_backend is None or (pid, by_gid) in self._wounded:
+            return
+        origin = cp.parse_gid(by_gid)[0]
+        if self.wound_backend(pid, "could not serialize access: the transaction conflicts with "
+                                   f"the transaction {by_gid} of node {origin}, which began "
+                                   "to commit first; retry the transaction"):
+            self._wounded.add((pid, by_gid))
+            self.log.info("wound_session", backend_pid=pid, by_gid=by_gid)
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""

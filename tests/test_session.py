@@ -216,3 +216,56 @@ def test_shutdown_of_idle_session_is_immediate_and_grace_expiry_ends_the_rest():
     assert t.effects == []
     t.terminate_now()
     assert errors(t.effects)[0].sqlstate == "57P01" and t.phase is Phase.CLOSED
+
+
+def cluster_ready() -> Session:
+    s = Session(tls_available=False, proxy_secret=999)
+    s.set_cluster(True, lambda: "MTM-1-1-1")
+    s.client_bytes(STARTUP)
+    s.effects.clear()
+    s.backend_connected()
+    s.server_bytes(HELLO)
+    s.effects.clear()
+    return s
+
+
+def in_transaction(s: Session) -> None:
+    s.client_bytes(wire.Query("BEGIN").encode())
+    s.server_bytes(wire.CommandComplete("BEGIN").encode() + wire.ReadyForQuery(b"T").encode())
+    s.client_bytes(wire.Query("UPDATE t SET n = 1").encode())
+    s.server_bytes(wire.CommandComplete("UPDATE 1").encode() + wire.ReadyForQuery(b"T").encode())
+    s.effects.clear()
+
+
+def test_wound_while_idle_fails_the_next_statement_with_40001():
+    s = cluster_ready()
+    in_transaction(s)
+    assert s.wound("conflicts with MTM-2-1-5") is False     # idle: nothing to cancel
+    assert s.client_bytes(wire.Query("UPDATE t SET n = 2").encode()) is None
+    # the proxy makes the transaction fail on the backend for real...
+    [send] = [e for e in s.effects if isinstance(e, SendServer)]
+    q = wire.decode(b"Q", send.data[5:], frontend=True).sql
+    assert "RAISE EXCEPTION" in q and "40001" in q
+    s.effects.clear()
+    err = wire.error_response("40001", "conflicts with MTM-2-1-5")
+    s.server_bytes(err + wire.ReadyForQuery(b"E").encode())
+    # ...and the client gets the 40001 and a failed-transaction state
+    [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
+    assert out == err + wire.ReadyForQuery(b"E").encode()
+    assert s.txn_status == b"E" and s.wounded is None
+
+
+def test_wound_while_running_rewrites_the_cancel():
+    s = cluster_ready()
+    in_transaction(s)
+    s.client_bytes(wire.Query("UPDATE t SET n = 3").encode())
+    assert s.wound("conflicts with MTM-2-1-6") is True      # running: the shell cancels
+    cancel = wire.error_response("57014", "canceling statement due to user request")
+    out = s.server_bytes(cancel + wire.ReadyForQuery(b"E").encode())
+    err = wire.decode(b"E", out[5:out.index(b"Z\x00")], frontend=False)
+    assert (err.sqlstate, err.message) == ("40001", "conflicts with MTM-2-1-6")
+
+
+def test_wound_outside_a_transaction_does_nothing():
+    s = cluster_ready()
+    assert s.wound("x") is False and s.wounded is None

@@ -402,6 +402,8 @@ class ReplicationNode:
                 held = []
                 w.write(link.replication(lsn, payload))
                 unacked.append(msg.end_lsn)
+                if cls is po.Prepare:
+                    self.log.debug("sent_prepare", peer=peer, gid=msg.gid)
                 await w.drain()
                 continue
             if cls is po.CommitPrepared or cls is po.RollbackPrepared:
@@ -479,6 +481,7 @@ class ReplicationNode:
             w.close()
 
     async def _applied(self, peer: int, msg, r) -> None:
+        self.log.debug("applied", peer=peer, result=type(r).__name__, gid=getattr(r, "gid", None))
         if isinstance(r, Prepared):
             await self.execute(self.part.applied(r.gid, True))
         elif isinstance(r, PrepareFailed):

@@ -86,7 +86,7 @@ shutdown_grace_ms = {grace_ms}
 client_startup_timeout_ms = {startup_timeout_ms}
 
 [log]
-level = "info"
+level = "{os.environ.get('MMPROXY_TEST_LOG_LEVEL', 'info')}"
 file = "{self.log_file}"
 {extra}
 """)

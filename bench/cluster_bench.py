@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from proxy.pgserver import LocalPostgres, _as_postgres, free_port, pg_bin_dir  # noqa: E402
+from proxy.pgserver import LocalPostgres, _as_postgres, pg_bin_dir  # noqa: E402
 
 
 def pgbench(port: int, args: list[str], duration: int) -> dict:

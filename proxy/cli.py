@@ -69,23 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(path: str):
+    """The configuration, or None after telling the user what is wrong."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"mmproxy: {e}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check-config":
-        try:
-            cfg = load_config(args.file)
-        except ConfigError as e:
-            print(f"mmproxy: {e}", file=sys.stderr)
+        cfg = _load(args.file)
+        if cfg is None:
             return 1
         print(f"{args.file}: OK")
         print(cfg)
         return 0
     if args.command == "init-cluster":
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as e:
-            print(f"mmproxy: {e}", file=sys.stderr)
+        cfg = _load(args.config)
+        if cfg is None:
             return 1
         import asyncio
 
@@ -110,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         parser.print_help(sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"mmproxy: {e}", file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     from .server import run
     try:

@@ -62,10 +62,11 @@ def _try(s: LocalPostgres, q: str) -> bool:
 
 
 async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
-               until_commits: int = 0):
+               until_commits: int = 0, *, slot: str = "to_b", until_vote: bool = False):
     """Stream A's slot into B until the given numbers of plain commits and
-    finished prepared transactions were applied; returns the results."""
-    stream = SlotStream(a.dsn(), "to_b", "mm_pub", status_interval_s=0.2)
+    finished prepared transactions were applied (or, with ``until_vote``,
+    until the first vote); returns the results and B's origin progress."""
+    stream = SlotStream(a.dsn(), slot, "mm_pub", status_interval_s=0.2)
     target = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
     applier = Applier(target, peer_id=1)
     await applier.setup()
@@ -78,13 +79,16 @@ async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
                 r = await applier.apply(msg)
                 if r is not None:
                     results.append(r)
+                if until_vote and isinstance(r, (Prepared, PrepareFailed)):
+                    break
                 if isinstance(r, Finished):
                     if r.gid is None:
                         commits += 1
                     else:
                         finished += 1
                     stream.confirm(lsn)
-                if commits >= until_commits and finished >= until_gids_finished:
+                if not until_vote and commits >= until_commits \
+                        and finished >= until_gids_finished:
                     break
         return results, await applier.applied_lsn()
     finally:
@@ -190,23 +194,7 @@ def test_unapplicable_change_fails_the_prepare(pair, slot):
 
 async def _until_vote(a, b, slot: str = "to_b"):
     """Apply A's slot onto B until the first vote (prepared or failed)."""
-    stream = SlotStream(a.dsn(), slot, "mm_pub", status_interval_s=0.2)
-    target = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
-    applier = Applier(target, peer_id=1)
-    await applier.setup()
-    await stream.start()
-    results = []
-    try:
-        async with asyncio.timeout(30):
-            async for lsn, msg in stream.messages():
-                r = await applier.apply(msg)
-                if r is not None:
-                    results.append(r)
-                if isinstance(r, (Prepared, PrepareFailed)):
-                    return results, 0
-    finally:
-        await stream.close()
-        await target.close()
+    return await pump(a, b, slot=slot, until_vote=True)
 
 
 def test_replayed_transactions_are_skipped(pair, slot):

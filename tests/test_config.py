@@ -90,3 +90,39 @@ def test_cli_check_config_and_errors(tmp_path):
                               capture_output=True, text=True, cwd=ROOT).stdout
     for opt in ("--nodes", "--dir", "--port", "--keep", "--log-level"):
         assert opt in helptext
+
+
+def test_init_cluster_command(workdir):
+    """init-cluster refuses a server whose settings fall short, naming each
+    setting, and sets a ready one up idempotently."""
+    from proxy.pgserver import LocalPostgres
+    bad = LocalPostgres(workdir / "init_bad", fsync=False,
+                        settings={"wal_level": "replica", "max_prepared_transactions": "0"})
+    bad.init().start()
+    good = LocalPostgres(workdir / "init_good", fsync=False).init().start()
+    def init(pg) -> subprocess.CompletedProcess:
+        cfg = pg.base / "n.toml"
+        cfg.write_text(f'[node]\nid = 1\nlisten = "127.0.0.1:1"\ninternode_listen = '
+                       f'"127.0.0.1:2"\n[postgres]\nhost = "{pg.sockdir}"\nport = {pg.port}\n'
+                       '[[peers]]\nid = 2\nclient_address = "127.0.0.1:3"\n'
+                       'node_address = "127.0.0.1:4"\n')
+        return subprocess.run([sys.executable, "-m", "proxy.cli", "init-cluster", "--config",
+                               str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    try:
+        refused = init(bad)
+        assert refused.returncode == 1
+        assert "node 1 is not ready" in refused.stderr
+        assert "wal_level is replica, needs = logical" in refused.stderr
+        assert "max_prepared_transactions is 0, needs >= 100" in refused.stderr
+        for _ in range(2):                      # running it again is harmless
+            ok = init(good)
+            assert ok.returncode == 0, ok.stderr
+            assert "node 1: initialized for a cluster of nodes [1, 2]" in ok.stdout
+        out = good.psql("SELECT (SELECT count(*) FROM pg_replication_slots "
+                        "WHERE slot_name = 'mtm_slot_2'), (SELECT count(*) FROM mtm.nodes), "
+                        "(SELECT count(*) FROM pg_publication WHERE pubname = 'mtm_pub')")
+        assert out.strip() == "1|2|1"
+        assert bad.psql("SELECT to_regclass('mtm.nodes') IS NULL").strip() == "t"  # untouched
+    finally:
+        bad.stop("immediate")
+        good.stop("immediate")

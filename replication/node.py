@@ -111,6 +111,14 @@ class ReplicationNode:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.server is not None:
             self.server.close()
+        # Let the link handlers see EOF and return, rather than be cancelled
+        # with the loop (asyncio reports those cancellations as errors).
+        for w in list(self.incoming.values()):
+            w.close()
+        for _ in range(20):
+            if not self.incoming:
+                break
+            await asyncio.sleep(0.01)
         for w in self.out.values():
             w.close()
         for s in self.streams.values():
@@ -331,6 +339,8 @@ class ReplicationNode:
         except (OSError, link.LinkError) as e:
             self.log.warning("link_error", peer=peer, error=str(e))
         finally:
+            if peer is not None and self.incoming.get(peer) is writer:
+                del self.incoming[peer]
             writer.close()
 
     # -- sending our changes to a peer ------------------------------------------------------

@@ -156,8 +156,8 @@ def test_prepared_transactions_keep_their_gid(pair, slot):
             task = asyncio.create_task(pump(a, b, until_gids_finished=3))
             # B must hold both gids prepared before A decides
             def prepared_on_b():
-                return {g for (g,) in psycopg.connect(b.dsn()).execute(
-                    "SELECT gid FROM pg_prepared_xacts")}
+                with psycopg.connect(b.dsn()) as conn:
+                    return {g for (g,) in conn.execute("SELECT gid FROM pg_prepared_xacts")}
             async with asyncio.timeout(20):
                 while prepared_on_b() != {"MTM-1-1-1", "MTM-1-1-2"}:
                     await asyncio.sleep(0.05)

@@ -227,8 +227,10 @@ class Session:
         if self._flow is not None and phase is Phase.READY:
             return self._flow_client_bytes(data)
         try:
-            if phase is Phase.READY:
-                # Hot path, inlined: complete messages, none inspected.
+            if phase is Phase.READY or (phase is Phase.AUTH and self._auth_ok):
+                # Hot path, inlined: complete messages, none inspected. (After
+                # AuthenticationOk a client may pipeline queries before the
+                # server's ReadyForQuery, so AUTH takes this path too.)
                 cf = self._cf
                 items = cf.feed(data)
                 if cf.boundaries != self._counted:
@@ -238,8 +240,6 @@ class Session:
                     return items[0]
                 return self._client_ready_items(items)
             if phase is Phase.AUTH:
-                if self._auth_ok:
-                    return self._client_ready(data)
                 return self._client_auth(data)
             if phase is Phase.STARTUP:
                 self._client_startup(data)
@@ -266,15 +266,6 @@ class Session:
                 return b"".join(before)
             self._fail(PROTOCOL_VIOLATION, str(e))
             return None
-
-    def _client_ready(self, data: bytes) -> bytes | None:
-        cf = self._cf
-        items = cf.feed(data)
-        self.pending_syncs += cf.boundaries - self._counted
-        self._counted = cf.boundaries
-        if len(items) == 1 and items[0].__class__ is not Message:
-            return items[0]
-        return self._client_ready_items(items)
 
     def _client_ready_items(self, items: list) -> bytes | None:
         out = []
@@ -739,7 +730,6 @@ class Session:
             t = it.type
             if f.step == ("client",):
                 if t == _Z:
-                    f.client_status = it.body
                     self._flow_step_done(it.body)
                 elif t == ord("N") and f.quiet_commit and b"C25P01\0" in it.body:
                     pass            # "there is no transaction in progress"
@@ -897,7 +887,6 @@ class _Flow:
     step: tuple | None = None
     rows: list = field(default_factory=list)
     error: bytes | None = None
-    client_status: bytes = b"I"
     gid: str | None = None
     pending_error: bytes | None = None
     quiet_commit: bool = False

@@ -77,7 +77,6 @@ class ReplicationNode:
         self.pool: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
-        self.applied_lsn: dict[int, int] = {p: 0 for p in self.peers}
         # Each incoming connection of a peer is an epoch; frames of an older
         # epoch are discarded, so a reset link restarts the peer's stream at
         # a transaction boundary (its confirmed LSN).
@@ -502,7 +501,6 @@ class ReplicationNode:
             await self.execute(self.part.finished(r.gid, r.committed))
         end = getattr(msg, "end_lsn", None) or getattr(msg, "rollback_end_lsn", None)
         if end:
-            self.applied_lsn[peer] = end
             w = self.out.get(peer)
             if w is not None:
                 w.write(link.applied(end))

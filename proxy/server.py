@@ -34,6 +34,9 @@ from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelK
                       SendClient, SendServer, Session, StartTLS)
 
 TOO_MANY_CONNECTIONS = "53300"
+# After this a wound's cancel signal has landed or was dropped (a backend
+# that is idle by then ignores it).
+WOUND_CANCEL_SETTLE_S = 0.2
 
 
 def raise_fd_limit() -> int:
@@ -128,15 +131,24 @@ class ProxyServer:
         transport.close()
         self.log.info("cancel_request_forwarded", backend_pid=pid)
 
-    def wound_backend(self, pid: int, message: str) -> bool:
+    async def _wound_cancel(self, conn, cancel) -> None:
+        seq = conn.core.wound_seq
+        try:
+            await cancel(conn.core.backend_pid)
+        finally:
+            asyncio.get_running_loop().call_later(WOUND_CANCEL_SETTLE_S,
+                                                  conn.core.wound_cancel_settled, seq)
+
+    def wound_backend(self, pid: int, message: str, cancel) -> bool:
         """Wound-wait (called by the replication node): end the transaction
-        of the client session whose backend is ``pid`` with 40001."""
+        of the client session whose backend is ``pid`` with 40001. If a
+        statement of it is running, ``cancel(pid)`` (a coroutine function)
+        interrupts it. True if the session is (now) wounded."""
         conn = self.by_backend_pid.get(pid)
         if conn is None or conn.closed:
             return False
-        running = conn.core.wound(message)
-        if running and conn.cancel_key is not None:
-            asyncio.ensure_future(self.send_cancel(*conn.cancel_key))
+        if conn.core.wound(message):
+            asyncio.ensure_future(self._wound_cancel(conn, cancel))
         return conn.core.wounded is not None
 
     async def shutdown(self, grace_ms: int | None = None) -> None:

@@ -141,7 +141,8 @@ class Session:
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
         "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
-        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp", "wounded")
+        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp", "wounded",
+        "_wound_cancel", "wound_seq")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -180,6 +181,11 @@ class Session:
         # Set by wound-wait: this session's transaction holds a lock an
         # older cluster transaction needs. The message the client gets.
         self.wounded: str | None = None
+        # The message of a wound whose cancel request may still be on its
+        # way: a cancel can land after the statement it was meant for, so
+        # the next 57014 is the wound's, whichever statement it hits.
+        self._wound_cancel: str | None = None
+        self.wound_seq = 0
 
     # -- helpers -------------------------------------------------------------
 
@@ -460,17 +466,36 @@ class Session:
 
     def wound(self, message: str) -> bool:
         """Wound-wait: end this session's transaction with 40001. Returns
-        True when a statement is running (the shell then cancels it; the
-        cancel's 57014 is rewritten); otherwise the next statement fails."""
+        True when a statement is running (the shell then cancels it, and
+        calls ``wound_cancel_settled(wound_seq)`` once a late cancel can no
+        longer arrive; the cancel's 57014 is rewritten); otherwise the next
+        statement fails. While a cancel is in flight no second one is
+        asked for; once it has settled, a session still wounded and still
+        running (the cancel landed between statements, and the next one
+        blocks) is cancelled again."""
         if self.phase is not Phase.READY or self.txn_status != b"T":
             return False
-        self.wounded = message
-        return self.pending_syncs > 0
+        if self.wounded is None:
+            self.wounded = message
+        if self.pending_syncs > 0 and self._wound_cancel is None:
+            self._wound_cancel = self.wounded
+            self.wound_seq += 1
+            return True
+        return False
+
+    def wound_cancel_settled(self, seq: int) -> None:
+        if seq == self.wound_seq:
+            self._wound_cancel = None
 
     def _rewrite_wound(self, m: Message) -> bytes:
-        """A cancel we sent for wound-wait reaches the client as 40001."""
-        if self.wounded is not None and b"C57014\0" in m.body:
-            msg, self.wounded = self.wounded, None
+        """A cancel we sent for wound-wait reaches the client as 40001.
+        (A cancel can land after the statement it was meant for, and a
+        protocol CancelRequest signals the backend's process group too, so
+        one cancel can end a statement with two 57014 errors: every 57014
+        until the cancel has settled is the wound's.)"""
+        if b"C57014\0" in m.body and (self.wounded or self._wound_cancel):
+            msg = self.wounded or self._wound_cancel
+            self.wounded = None
             return wire.error_response(intercept.SERIALIZATION_FAILURE, msg)
         return m.raw
 

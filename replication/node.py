@@ -42,6 +42,30 @@ from .cluster import PUBLICATION, slot_name
 from .stream import SlotStream, StreamError
 
 TICK_S = 0.05
+WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
+
+# For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
+# prepared transactions) and which prepared transactions hold a lock on the
+# object it waits for. A prepared transaction's locks have pid NULL and share
+# a virtualtransaction with its own transactionid lock, which names its xid.
+_BLOCKERS_SQL = """
+WITH l AS MATERIALIZED (SELECT * FROM pg_locks)
+SELECT w.pid, pg_blocking_pids(w.pid),
+       ARRAY(SELECT px.gid FROM l h
+             JOIN l x ON x.virtualtransaction = h.virtualtransaction AND x.pid IS NULL
+                     AND x.locktype = 'transactionid' AND x.mode = 'ExclusiveLock'
+             JOIN pg_prepared_xacts px ON px.transaction = x.transactionid
+             WHERE h.pid IS NULL AND h.granted AND h.locktype = w.locktype
+               AND h.database IS NOT DISTINCT FROM w.database
+               AND h.relation IS NOT DISTINCT FROM w.relation
+               AND h.page IS NOT DISTINCT FROM w.page AND h.tuple IS NOT DISTINCT FROM w.tuple
+               AND h.virtualxid IS NOT DISTINCT FROM w.virtualxid
+               AND h.transactionid IS NOT DISTINCT FROM w.transactionid
+               AND h.classid IS NOT DISTINCT FROM w.classid
+               AND h.objid IS NOT DISTINCT FROM w.objid
+               AND h.objsubid IS NOT DISTINCT FROM w.objsubid)
+FROM l w WHERE NOT w.granted AND w.pid = ANY(%s)
+"""
 RECEIVE_QUEUE_FRAMES = 10000     # per peer; a full queue stops reading the link
 
 
@@ -62,9 +86,12 @@ class ReplicationNode:
         self.conninfo = pg.conninfo()
         self.password = pg.password()
         self._seq = 0
-        # peer -> (applier backend pid, gid being applied) while it applies
-        self.applying: dict[int, tuple[int, str]] = {}
+        # peer -> (applier backend pid, gid being applied, since when) while
+        # it applies a transaction to be prepared
+        self.applying: dict[int, tuple[int, str, float]] = {}
         self._wounded: set = set()
+        # gid -> the older gid for which its applier's statement was cancelled
+        self._cancelled: dict[str, str] = {}
         # proxy callback: end a client session's transaction with 40001
         self.wound_backend = wound_backend
         self.out: dict[int, asyncio.StreamWriter] = {}
@@ -91,7 +118,7 @@ class ReplicationNode:
 
     async def start(self) -> None:
         for _ in range(4):
-            self.pool.put_nowait(await self._connect())
+            self.pool.put_nowait(await self._connect(application_name="mmproxy pool"))
         host, port = parse_address(self.cfg.node.internode_listen)
         self.server = await asyncio.start_server(self._incoming, host, port, reuse_address=True)
         for peer in self.peers:
@@ -197,67 +224,104 @@ class ReplicationNode:
             await self.execute(self.coord.tick(_now_ms()))
 
     async def _conflict_watchdog(self) -> None:
-        """Wound-wait: an applier applying gid A that waits for a row lock
-        held by the prepared gid B, where B is younger than A, gets B
-        aborted by B's coordinator (if B is still collecting votes). Without
-        this, such waits last until apply_lock_timeout_ms, and every later
-        transaction of that peer queues behind them."""
+        """Wound-wait for the appliers. An applier applying gid A that has
+        waited for a lock longer than ``WATCH_AFTER_MS`` is looked at:
+
+        - a prepared transaction B holds the lock and B is younger than A:
+          B's coordinator is asked to abort it (``Wound``; it does so if B
+          is still collecting votes);
+        - another applier, applying the younger B, holds it (or is ahead
+          of A in the lock's queue): the same ``Wound``, and that applier's
+          statement is cancelled here, which makes it vote no for B;
+        - a client session that has not begun to commit holds it: the
+          session's transaction ends with 40001 (first committer wins).
+
+        Waits on a *tuple* lock (several backends queued for one row) are
+        seen through ``pg_blocking_pids``; a chain (A waits for a queued
+        session, which waits for B) unwinds one link per round. Without
+        this, every such wait lasts until ``apply_lock_timeout_ms`` and
+        everything after it from that peer queues behind it."""
         while True:
             await asyncio.sleep(0.02)
-            applying = {pid: gid for pid, gid in self.applying.values()}
-            if not applying:
+            now = time.monotonic()
+            appliers = {pid: gid for pid, gid, _ in self.applying.values()}
+            waiting = {pid: gid for pid, gid, since in self.applying.values()
+                       if now - since >= WATCH_AFTER_MS / 1000}
+            if not waiting:
                 continue
             conn = await self.pool.get()
             try:
-                # Who holds the transaction lock each applier waits for: a
-                # prepared transaction (pid NULL in pg_locks, PG15-FACTS), or
-                # a backend (a client session, or another applier).
-                blocked = await (await conn.execute(
-                    "SELECT w.pid, px.gid, h.pid FROM pg_locks w JOIN pg_locks h "
-                    "ON h.locktype = 'transactionid' AND h.transactionid = w.transactionid "
-                    "AND h.granted LEFT JOIN pg_prepared_xacts px "
-                    "ON px.transaction = h.transactionid AND h.pid IS NULL "
-                    "WHERE NOT w.granted AND w.locktype = 'transactionid' AND w.pid = ANY(%s)",
-                    (list(applying),))).fetchall()
+                blocked = await (await conn.execute(_BLOCKERS_SQL, (list(waiting),))).fetchall()
             except psycopg.Error as e:
                 self.log.warning("watchdog_failed", error=str(e))
                 continue
             finally:
                 self.pool.put_nowait(conn)
-            for pid, blocker, holder_pid in blocked:
-                waiting = applying.get(pid)
-                if waiting is None:
+            if blocked:
+                self.log.debug("watchdog_blocked", waiting=waiting, blocked=blocked)
+            for pid, blocker_pids, prepared in blocked:
+                by_gid = waiting.get(pid)
+                if by_gid is None:
                     continue
-                if blocker is None and holder_pid is not None:
-                    blocker = applying.get(holder_pid)     # another applier
-                    if blocker is None:
-                        self._wound_session(holder_pid, waiting)
-                        continue
-                if blocker is None or blocker in self._wounded or not cp.older(waiting, blocker):
-                    continue
-                self._wounded.add(blocker)
-                if len(self._wounded) > 10000:
-                    self._wounded.clear()
-                owner = cp.parse_gid(blocker)[0]
-                msg = cp.Wound(blocker, self.id, waiting)
-                self.log.info("wound", gid=blocker, by_gid=waiting, owner=owner)
-                if owner == self.id:
-                    await self.execute(self.coord.receive(msg, _now_ms()))
-                elif owner in self.out:
-                    self.out[owner].write(link.protocol(msg))
+                for gid in prepared:
+                    await self._wound(gid, by_gid)
+                for holder in blocker_pids:
+                    if holder == 0 or holder == pid:
+                        continue            # 0: a prepared transaction (above)
+                    other = appliers.get(holder)
+                    if other is None:
+                        self._wound_session(holder, by_gid)
+                    elif await self._wound(other, by_gid):
+                        await self._cancel_applier(holder, other, by_gid)
+
+    async def _wound(self, gid: str, by_gid: str) -> bool:
+        """Ask ``gid``'s coordinator to abort it, if it is younger than
+        ``by_gid``. True if it is (and was not wounded before)."""
+        if gid in self._wounded or not cp.older(by_gid, gid):
+            return False
+        self._wounded.add(gid)
+        if len(self._wounded) > 10000:
+            self._wounded.clear()
+        owner = cp.parse_gid(gid)[0]
+        msg = cp.Wound(gid, self.id, by_gid)
+        self.log.info("wound", gid=gid, by_gid=by_gid, owner=owner)
+        if owner == self.id:
+            await self.execute(self.coord.receive(msg, _now_ms()))
+        elif owner in self.out:
+            self.out[owner].write(link.protocol(msg))
+        return True
+
+    async def _cancel_applier(self, pid: int, gid: str, by_gid: str) -> None:
+        """The applier ``pid`` applies the wounded ``gid`` and holds what the
+        older ``by_gid`` needs: cancel its statement, so it votes no now
+        instead of at its lock timeout. (It has not prepared ``gid`` - it
+        is still applying it - so the coordinator cannot have decided to
+        commit it.)"""
+        if not any(p == pid and g == gid for p, g, _ in self.applying.values()):
+            return
+        if len(self._cancelled) > 10000:
+            self._cancelled.clear()
+        self._cancelled[gid] = by_gid
+        await self._cancel_backend(pid)
 
     def _wound_session(self, pid: int, by_gid: str) -> None:
         """A client transaction that has not begun to commit holds what the
         older, already prepared ``by_gid`` needs: in commit order it is the
         younger one, so it gives way (first committer wins)."""
-        if self.wound_backend is None or (pid, by_gid) in self._wounded:
+        if self.wound_backend is None:
             return
         origin = cp.parse_gid(by_gid)[0]
         if self.wound_backend(pid, "could not serialize access: the transaction conflicts with "
                                    f"the transaction {by_gid} of node {origin}, which began "
-                                   "to commit first; retry the transaction"):
-            self._wounded.add((pid, by_gid))
+                                   "to commit first; retry the transaction",
+                              self._cancel_backend):
             self.log.info("wound_session", backend_pid=pid, by_gid=by_gid)
+
+    async def _cancel_backend(self, pid: int) -> None:
+        # pg_cancel_backend signals the backend alone, at once; a protocol
+        # CancelRequest goes through a forked child and signals the
+        # backend's process group too (two 57014s for one statement).
+        await self._sql("SELECT pg_cancel_backend(%s)", (pid,))
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""
@@ -446,7 +510,7 @@ class ReplicationNode:
         while True:
             conn = None
             try:
-                conn = await self._connect()
+                conn = await self._connect(application_name=f"mmproxy apply from node {peer}")
                 applier = Applier(conn, peer,
                                   lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
                 await applier.setup()
@@ -463,7 +527,7 @@ class ReplicationNode:
                     lsn, raw = link.unpack_lsn(payload)
                     msg = po.decode(raw)
                     if msg.__class__ is po.BeginPrepare:
-                        self.applying[peer] = (pid, msg.gid)
+                        self.applying[peer] = (pid, msg.gid, time.monotonic())
                     r = await applier.apply(msg)
                     if applier.idle:
                         self.applying.pop(peer, None)
@@ -494,6 +558,13 @@ class ReplicationNode:
         if isinstance(r, Prepared):
             await self.execute(self.part.applied(r.gid, True))
         elif isinstance(r, PrepareFailed):
+            by_gid = self._cancelled.pop(r.gid, None)
+            if r.sqlstate == "57014":
+                # We cancel appliers for wound-wait (or a DBA did): the
+                # transaction may well succeed if retried.
+                r = PrepareFailed(r.gid, cp.SERIALIZATION_FAILURE,
+                                  f"conflicts with the older transaction {by_gid}"
+                                  if by_gid else "its apply was cancelled")
             self.log.info("apply_vote_failed", peer=peer, gid=r.gid, sqlstate=r.sqlstate,
                           message=r.message)
             await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))

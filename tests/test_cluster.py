@@ -495,6 +495,48 @@ def test_cross_node_deadlock_is_broken_with_40001(cluster):
     assert no_prepared_left(cluster)
 
 
+def test_local_sessions_queued_on_a_row_give_way_to_a_committing_transaction(cluster):
+    """On node 2, session A holds a row and is busy; session B waits for the
+    row behind it (so it holds the row's tuple lock). A write to that row
+    committed through node 1 is older in commit order: node 2's applier,
+    queued behind B, has B and then A cancelled with 40001 instead of
+    waiting out the apply lock timeout, which would fail node 1's commit."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE queued (id int PRIMARY KEY, n int)")
+        c.execute("INSERT INTO queued VALUES (1, 0)")
+    errors: dict = {}
+
+    def local(name: str, delta: int, then_sleep: bool):
+        with psycopg.connect(cluster.dsn(2)) as conn:
+            try:
+                conn.execute("UPDATE queued SET n = n + %s WHERE id = 1", (delta,))
+                if then_sleep:
+                    conn.execute("SELECT pg_sleep(20)")
+                conn.commit()
+                errors[name] = None
+            except psycopg.Error as e:
+                errors[name] = (e.sqlstate, str(e))
+
+    a = threading.Thread(target=local, args=("A", 10, True))
+    a.start()
+    wait_for(lambda: rows(cluster, 2, "SELECT count(*) FROM pg_stat_activity WHERE query = "
+                                      "'SELECT pg_sleep(20)'") == [(1,)], what="A busy")
+    b = threading.Thread(target=local, args=("B", 100, False))
+    b.start()
+    wait_for(lambda: rows(cluster, 2, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                      "wait_event_type = 'Lock'") == [(1,)], what="B queued")
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("UPDATE queued SET n = n + 1 WHERE id = 1")     # must not fail
+    a.join(30)
+    b.join(30)
+    for name in ("A", "B"):
+        assert errors[name] is not None and errors[name][0] == "40001", errors
+        assert "of node 1" in errors[name][1], errors
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT n FROM queued") == [(1,)]
+    assert no_prepared_left(cluster)
+
+
 def test_ddl_suite_types_functions_alter_drop(cluster):
     with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
         c.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")

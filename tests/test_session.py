@@ -266,6 +266,43 @@ def test_wound_while_running_rewrites_the_cancel():
     assert (err.sqlstate, err.message) == ("40001", "conflicts with MTM-2-1-6")
 
 
+def test_one_wound_cancel_is_rewritten_wherever_its_57014s_land():
+    # PostgreSQL's postmaster signals a backend and its process group, so one
+    # cancel can produce two 57014 errors for one statement; and a cancel can
+    # land after the statement it was meant for. Until the shell says the
+    # cancel has settled, every 57014 is the wound's.
+    s = cluster_ready()
+    in_transaction(s)
+    s.client_bytes(wire.Query("UPDATE t SET n = 3").encode())
+    assert s.wound("conflicts with MTM-2-1-7") is True
+    seq = s.wound_seq
+    cancel = wire.error_response("57014", "canceling statement due to user request")
+    out = s.server_bytes(cancel + cancel + wire.ReadyForQuery(b"E").encode())
+    assert out.count(b"C40001\0") == 2 and b"C57014" not in out
+    # the retried transaction blocks again: while the first cancel is in
+    # flight no second one is asked for...
+    s.client_bytes(wire.Query("ROLLBACK").encode())
+    s.server_bytes(wire.CommandComplete("ROLLBACK").encode() + wire.ReadyForQuery(b"I").encode())
+    in_transaction(s)
+    s.client_bytes(wire.Query("UPDATE t SET n = 4").encode())
+    assert s.wound("conflicts with MTM-2-1-8") is False
+    # ...once it has settled, the session (still wounded, still running) is
+    # cancelled again
+    s.wound_cancel_settled(seq)
+    assert s.wound("conflicts with MTM-2-1-9") is True and s.wound_seq == seq + 1
+    s.wound_cancel_settled(seq)             # a stale timer changes nothing
+    out = s.server_bytes(cancel + wire.ReadyForQuery(b"E").encode())
+    assert b"C40001\0" in out and b"MTM-2-1-8" in out
+    s.wound_cancel_settled(s.wound_seq)
+    # after that a 57014 is the client's own cancel again
+    s.client_bytes(wire.Query("ROLLBACK").encode())
+    s.server_bytes(wire.CommandComplete("ROLLBACK").encode() + wire.ReadyForQuery(b"I").encode())
+    in_transaction(s)
+    s.client_bytes(wire.Query("SELECT pg_sleep(10)").encode())
+    out = s.server_bytes(cancel + wire.ReadyForQuery(b"E").encode())
+    assert b"C57014\0" in out
+
+
 def test_wound_outside_a_transaction_does_nothing():
     s = cluster_ready()
     assert s.wound("x") is False and s.wounded is None

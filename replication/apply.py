@@ -18,10 +18,14 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
 - Columns sent as "unchanged TOAST" are left alone.
 - COMMIT/ROLLBACK PREPARED of a gid that is not prepared here is ignored
   (PG15-FACTS: a nextval-only transaction yields a lone COMMIT PREPARED).
-- Row values are passed in PostgreSQL's text form with unknown type, so the
-  server converts them to the column types exactly as it printed them.
-  Runs of inserts into one table go through COPY, in batches of at most
-  ``COPY_BATCH_ROWS`` rows or ``COPY_BATCH_BYTES`` bytes (bounded memory).
+- Row values are passed in PostgreSQL's text form as untyped literals, so
+  the server converts them to the column types exactly as it printed them.
+- Round trips: the statements of a transaction are sent together, as one
+  multi-statement query per ``BATCH_BYTES`` (the last one ends with the
+  origin position and the PREPARE TRANSACTION or COMMIT); a run of more
+  than ``INSERT_BATCH_ROWS`` inserts into one table goes through COPY, in
+  batches of at most ``COPY_BATCH_ROWS`` rows or ``COPY_BATCH_BYTES``
+  bytes. Memory stays bounded by these sizes.
 - Replay is normal (a restarted stream resends what was not confirmed):
   a transaction whose end LSN is not past the origin's recorded progress
   was applied already and is skipped whole.
@@ -43,6 +47,8 @@ from . import pgoutput as po
 DDL_PREFIX = "mtm_ddl"
 COPY_BATCH_ROWS = 5000
 COPY_BATCH_BYTES = 8 << 20
+INSERT_BATCH_ROWS = 50       # more inserts into one table in a row: COPY
+BATCH_BYTES = 256 << 10
 DDL_END_PREFIX = "mtm_ddl_end"
 
 
@@ -91,10 +97,17 @@ class Applier:
         self._commit_ts = 0
         self._applied_lsn = 0      # origin progress at setup: older is a replay
         self._replay = False       # skipping an already applied transaction
-        # Consecutive inserts into one table are applied with one COPY.
+        # Consecutive inserts into one table are applied together: a
+        # multi-row INSERT in the batch, or one COPY when there are many.
         self._copy_rel: po.Relation | None = None
         self._copy_rows: list = []
         self._copy_bytes = 0
+        # Statements not sent yet, with what to say if one that must touch
+        # exactly one row does not: a transaction costs one round trip per
+        # BATCH_BYTES of statements, plus one for its PREPARE or COMMIT.
+        self._batch: list[str] = []
+        self._checks: list[tuple[int, str]] = []
+        self._batch_bytes = 0
 
     async def setup(self) -> None:
         c = self.conn
@@ -167,11 +180,37 @@ class Applier:
             else:
                 await self._flush_inserts()
                 await self._apply_change(msg)
+            if self._batch_bytes >= BATCH_BYTES:
+                await self._send_batch()
         except psycopg.Error as e:
             await self._fail(e.sqlstate or "XX000", str(e).strip())
         except _MissingRow as e:
             await self._fail("02000", str(e))
         return None
+
+    def _add(self, stmt: sql.Composable | str, check: str | None = None) -> None:
+        text = stmt if isinstance(stmt, str) else stmt.as_string(self.conn)
+        if check is not None:
+            self._checks.append((len(self._batch), check))
+        self._batch.append(text)
+        self._batch_bytes += len(text)
+
+    async def _send_batch(self) -> None:
+        """Run the statements collected so far as one query; raise the
+        first error, or _MissingRow for a change that found no row."""
+        batch, checks = self._batch, self._checks
+        self._batch, self._checks, self._batch_bytes = [], [], 0
+        if not batch:
+            return
+        cur = await self.conn.execute(";\n".join(batch))
+        if not checks:
+            return
+        counts = [cur.rowcount]
+        while cur.nextset():
+            counts.append(cur.rowcount)
+        for i, message in checks:
+            if counts[i] != 1:
+                raise _MissingRow(message)
 
     async def _buffer_insert(self, msg: po.Insert) -> None:
         rel = self._rel(msg.relid)
@@ -190,6 +229,13 @@ class Applier:
             return
         self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in rel.columns)
+        if len(rows) <= INSERT_BATCH_ROWS:
+            self._add(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES {}").format(
+                self._table(rel), cols, sql.SQL(", ").join(
+                    sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, row)))
+                    for row in rows)))
+            return
+        await self._send_batch()
         async with self.conn.cursor().copy(
                 sql.SQL("COPY {} ({}) FROM STDIN").format(self._table(rel), cols)) as copy:
             for row in rows:
@@ -198,69 +244,79 @@ class Applier:
     async def _begin(self, gid: str | None) -> None:
         if self._in_txn:
             raise ApplyError(f"BEGIN inside a transaction from node {self.peer_id}")
-        await self.conn.execute("BEGIN")
+        self._add("BEGIN")
         self._in_txn = True
         self._gid = gid
         self._failed = None
         self._skip_rows = False
 
-    async def _set_origin_position(self) -> None:
-        await self.conn.execute(
-            "SELECT pg_replication_origin_xact_setup(%s, to_timestamp(%s))",
-            (po.lsn_str(self._commit_lsn), self._commit_ts / 1e6 + 946684800))
+    def _origin_position(self) -> sql.Composable:
+        return sql.SQL("SELECT pg_replication_origin_xact_setup({}, to_timestamp({}))").format(
+            sql.Literal(po.lsn_str(self._commit_lsn)),
+            sql.Literal(self._commit_ts / 1e6 + 946684800))
+
+    async def _rollback(self) -> None:
+        self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
+        self._batch, self._checks, self._batch_bytes = [], [], 0
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await self.conn.execute("ROLLBACK")
 
     async def _fail(self, sqlstate: str, message: str) -> None:
         if self._gid is None:
-            self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
-            await self.conn.execute("ROLLBACK")
+            await self._rollback()
             self._in_txn = False
             raise ApplyError(f"applying a committed transaction of node {self.peer_id} "
                              f"failed: {sqlstate} {message}")
         self._failed = PrepareFailed(self._gid, sqlstate, message)
-        self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
-        await self.conn.execute("ROLLBACK")
+        await self._rollback()
         # Stay "in" the transaction until its Prepare message arrives.
 
     async def _commit(self, msg: po.Commit) -> Finished:
+        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
         try:
             await self._flush_inserts()
+            self._add(self._origin_position())
+            self._add("COMMIT")
+            await self._send_batch()
         except psycopg.Error as e:
             await self._fail(e.sqlstate or "XX000", str(e).strip())   # raises ApplyError
-        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
-        await self._set_origin_position()
-        await self.conn.execute("COMMIT")
+        except _MissingRow as e:
+            await self._fail("02000", str(e))
         self._in_txn = False
         return Finished(None, True, True)
 
     async def _prepare(self, msg: po.Prepare) -> Prepared | PrepareFailed:
-        if self._failed is None:
-            try:
-                await self._flush_inserts()
-            except psycopg.Error as e:
-                await self._fail(e.sqlstate or "XX000", str(e).strip())
         self._in_txn = False
         if self._failed is not None:
             failed, self._failed = self._failed, None
             return failed
         self._commit_lsn, self._commit_ts = msg.end_lsn, msg.prepare_ts
+        prepare = sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(msg.gid))
         try:
-            await self._set_origin_position()
-            await self.conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(msg.gid)))
+            await self._flush_inserts()
+            self._add(self._origin_position())
+            self._add(prepare)
+            await self._send_batch()
         except psycopg.Error as e:
-            # A failed PREPARE rolls the transaction back (PG15-FACTS).
-            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                await self.conn.execute("ROLLBACK")
+            # A failed PREPARE rolls the transaction back (PG15-FACTS); a
+            # failure before it leaves the transaction aborted.
+            await self._rollback()
             return PrepareFailed(msg.gid, e.sqlstate or "XX000", str(e).strip())
+        except _MissingRow as e:
+            # The checks are read after the batch ran, PREPARE included.
+            await self._rollback()
+            await self.conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(msg.gid)))
+            return PrepareFailed(msg.gid, "02000", str(e))
         return Prepared(msg.gid)
 
     async def _finish_prepared(self, gid: str, commit: bool, end_lsn: int, ts: int) -> Finished:
+        self._commit_lsn, self._commit_ts = end_lsn, ts
+        # The origin position is set up only if the gid is prepared here.
         known = await (await self.conn.execute(
-            "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s AND database = current_database()",
-            (gid,))).fetchone()
+            sql.SQL("{} FROM pg_prepared_xacts WHERE gid = {} AND database = current_database()")
+            .format(self._origin_position(), sql.Literal(gid)))).fetchone()
         if not known:
             return Finished(gid, commit, False)
-        self._commit_lsn, self._commit_ts = end_lsn, ts
-        await self._set_origin_position()
         verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
         await self.conn.execute(sql.SQL(verb + " {}").format(sql.Literal(gid)))
         return Finished(gid, commit, True)
@@ -281,8 +337,8 @@ class Applier:
     def _text(v) -> str | None:
         return None if v is None else v.decode("utf-8")
 
-    def _where(self, rel: po.Relation, tup: po.Tuple, whole_row: bool):
-        conds, args = [], []
+    def _where(self, rel: po.Relation, tup: po.Tuple, whole_row: bool) -> sql.Composable:
+        conds = []
         for col, v in zip(rel.columns, tup.values):
             if not (whole_row or col.is_key) or v is po.UNCHANGED_TOAST:
                 continue
@@ -290,59 +346,47 @@ class Applier:
                 conds.append(sql.SQL("{} IS NULL").format(sql.Identifier(col.name)))
             else:
                 conds.append(sql.SQL("{} = {}").format(sql.Identifier(col.name),
-                                                       sql.Placeholder()))
-                args.append(self._text(v))
+                                                       sql.Literal(self._text(v))))
         if not conds:
             raise ApplyError(f"table {rel.namespace}.{rel.name} has no replica identity: "
                              "UPDATE/DELETE cannot be replicated")
-        return sql.SQL(" AND ").join(conds), args
+        return sql.SQL(" AND ").join(conds)
 
-    def _locate(self, rel: po.Relation, tup: po.Tuple, whole_row: bool):
+    def _locate(self, rel: po.Relation, tup: po.Tuple, whole_row: bool) -> sql.Composable:
         """A WHERE clause matching exactly one row (the first, for
         REPLICA IDENTITY FULL tables, as PostgreSQL's own apply does)."""
-        where, args = self._where(rel, tup, whole_row)
+        where = self._where(rel, tup, whole_row)
         if whole_row:
             return sql.SQL("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)").format(
-                self._table(rel), where), args
-        return where, args
+                self._table(rel), where)
+        return where
 
     async def _apply_change(self, msg) -> None:
         cls = msg.__class__
-        c = self.conn
         if cls is po.Insert:
             if self._skip_rows:
                 return
             rel = self._rel(msg.relid)
-            cols = [sql.Identifier(col.name) for col in rel.columns]
-            q = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                self._table(rel), sql.SQL(", ").join(cols),
-                sql.SQL(", ").join(sql.Placeholder() * len(cols)))
-            await c.execute(q, [self._text(v) for v in msg.new.values])
+            self._add(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
+                self._table(rel), sql.SQL(", ").join(sql.Identifier(c.name) for c in rel.columns),
+                sql.SQL(", ").join(sql.Literal(self._text(v)) for v in msg.new.values)))
         elif cls is po.Update:
             rel = self._rel(msg.relid)
             full = rel.replica_identity == "f"
             old = msg.old if msg.old is not None else msg.new
-            sets, args = [], []
-            for col, v in zip(rel.columns, msg.new.values):
-                if v is po.UNCHANGED_TOAST:
-                    continue
-                sets.append(sql.SQL("{} = {}").format(sql.Identifier(col.name), sql.Placeholder()))
-                args.append(self._text(v))
-            where, wargs = self._locate(rel, old, full and msg.old is not None)
-            q = sql.SQL("UPDATE {} SET {} WHERE {}").format(
-                self._table(rel), sql.SQL(", ").join(sets), where)
-            cur = await c.execute(q, args + wargs)
-            if cur.rowcount != 1:
-                raise _MissingRow(f"row to update not found in {rel.namespace}.{rel.name} "
-                                  f"(change from node {self.peer_id})")
+            sets = [sql.SQL("{} = {}").format(sql.Identifier(col.name), sql.Literal(self._text(v)))
+                    for col, v in zip(rel.columns, msg.new.values) if v is not po.UNCHANGED_TOAST]
+            self._add(sql.SQL("UPDATE {} SET {} WHERE {}").format(
+                self._table(rel), sql.SQL(", ").join(sets),
+                self._locate(rel, old, full and msg.old is not None)),
+                check=f"row to update not found in {rel.namespace}.{rel.name} "
+                      f"(change from node {self.peer_id})")
         elif cls is po.Delete:
             rel = self._rel(msg.relid)
-            where, args = self._locate(rel, msg.old, msg.old_kind == "O")
-            cur = await c.execute(sql.SQL("DELETE FROM {} WHERE {}").format(
-                self._table(rel), where), args)
-            if cur.rowcount != 1:
-                raise _MissingRow(f"row to delete not found in {rel.namespace}.{rel.name} "
-                                  f"(change from node {self.peer_id})")
+            self._add(sql.SQL("DELETE FROM {} WHERE {}").format(
+                self._table(rel), self._locate(rel, msg.old, msg.old_kind == "O")),
+                check=f"row to delete not found in {rel.namespace}.{rel.name} "
+                      f"(change from node {self.peer_id})")
         elif cls is po.Truncate:
             tables = sql.SQL(", ").join(self._table(self._rel(r)) for r in msg.relids)
             q = sql.SQL("TRUNCATE {}").format(tables)
@@ -350,9 +394,10 @@ class Applier:
                 q += sql.SQL(" RESTART IDENTITY")
             if msg.cascade:
                 q += sql.SQL(" CASCADE")
-            await c.execute(q)
+            self._add(q)
         elif cls is po.Message:
             if msg.prefix == DDL_PREFIX:
+                await self._send_batch()
                 await self._apply_ddl(json.loads(msg.content))
             elif msg.prefix == DDL_END_PREFIX:
                 self._skip_rows = False

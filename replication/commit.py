@@ -15,9 +15,10 @@ Transaction Commit"):
    through logical decoding, *in WAL order*; each member applies it,
    prepares the same gid and votes (``Vote``: ok, or its SQLSTATE/message).
 2. When every member of the transaction's generation voted ok, the
-   coordinator records PRECOMMIT durably (``Persist``) and asks the members
-   to do the same (``Precommit``). A majority of the *configured* nodes,
-   itself included, makes the decision final: ``CommitLocal``.
+   coordinator asks the members to record PRECOMMIT durably (``Precommit``)
+   and records it itself (``PersistOwn``, at the same time). Durable records
+   on a majority of the *configured* nodes make the decision final:
+   ``CommitLocal``.
 3. COMMIT PREPARED reaches the members through the stream (in WAL order, so
    a later transaction that depends on this one never overtakes it); each
    acknowledges (``CommitAck``). By default the client hears COMMIT only
@@ -154,6 +155,16 @@ class Persist:
 
 
 @dataclass(frozen=True)
+class PersistOwn:
+    """Coordinator: record durably that ``gid`` is precommitted here, then
+    report it with ``Coordinator.persisted``. The Precommits to the members
+    are sent first (they are in the same list, before this), so the
+    members' records are written while this one is: the coordinator's own
+    precommit counts only once it is durable."""
+    gid: str
+
+
+@dataclass(frozen=True)
 class CommitLocal:
     gid: str
 
@@ -270,10 +281,17 @@ class Coordinator:
         if t.state != VOTING or len(t.votes) < len(self._peers(t)):
             return []
         t.state = PRECOMMITTING
-        t.precommit_acks.add(self.node_id)   # counted once Persist is carried out (in order)
-        out: list = [Persist(t.gid)]
-        out += [Send(p, Precommit(t.gid, self.node_id)) for p in sorted(self._peers(t))]
-        return out + self._maybe_commit(t)
+        out: list = [Send(p, Precommit(t.gid, self.node_id)) for p in sorted(self._peers(t))]
+        return out + [PersistOwn(t.gid)]
+
+    def persisted(self, gid: str, now_ms: int) -> list:
+        """The PersistOwn of ``gid`` is durable: it counts towards the
+        majority."""
+        t = self.txns.get(gid)
+        if t is None or t.state != PRECOMMITTING:
+            return []
+        t.precommit_acks.add(self.node_id)
+        return self._maybe_commit(t)
 
     def _maybe_commit(self, t: _CoordTxn) -> list:
         if t.state != PRECOMMITTING or len(t.precommit_acks) < t.generation.majority:

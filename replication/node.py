@@ -25,6 +25,7 @@ not this one's.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import deque
 
@@ -42,6 +43,10 @@ from .cluster import PUBLICATION, slot_name
 from .stream import SlotStream, StreamError
 
 TICK_S = 0.05
+# pgoutput messages inside a transaction, told apart by their first byte
+_ROW_KINDS = frozenset(b"IUDTM")
+_TRUNCATE, _MESSAGE = ord("T"), ord("M")
+_RELID = struct.Struct("!I")
 WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
 
 # For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
@@ -176,9 +181,11 @@ class ReplicationNode:
                 w = self.out.get(a.to)
                 if w is not None and a.msg is not None:
                     w.write(link.protocol(a.msg))
-            elif cls is cp.Persist:
+            elif cls is cp.Persist or cls is cp.PersistOwn:
                 await self._sql("INSERT INTO mtm.precommits (gid) VALUES (%s) "
                                 "ON CONFLICT DO NOTHING", (a.gid,))
+                if cls is cp.PersistOwn:
+                    await self.execute(self.coord.persisted(a.gid, _now_ms()))
             elif cls is cp.CommitLocal or cls is cp.AbortLocal:
                 commit = cls is cp.CommitLocal
                 await self._finish_prepared(a.gid, commit)
@@ -433,12 +440,40 @@ class ReplicationNode:
             await asyncio.sleep(0.2)
 
     async def _forward(self, peer: int, stream: SlotStream) -> None:
+        """Forward this node's own transactions from the slot to ``peer``.
+
+        Most of a slot's traffic can be transactions applied from other
+        nodes (after a peer's bulk load, millions of rows), which are
+        skipped: a message is looked at by its first byte, and only the
+        transaction framing, schema messages and the relation id of a row
+        change are decoded."""
         mtm_rels: set[int] = set()     # tables whose changes are never shipped
         held: list = []          # Begin (and Relations) not yet sent
         skipping = False
         sent_data = False
         unacked = self.unacked[peer]
-        async for lsn, msg, payload in stream.messages(with_payload=True):
+        async for lsn, payload in stream.raw_messages():
+            kind = payload[0]
+            if kind in _ROW_KINDS:
+                if skipping:
+                    continue
+                if kind != _TRUNCATE and kind != _MESSAGE:
+                    if _RELID.unpack_from(payload, 1)[0] in mtm_rels:
+                        continue
+                elif kind == _TRUNCATE and mtm_rels.intersection(po.decode(payload).relids):
+                    continue
+                w = self.out.get(peer)
+                if w is None:
+                    raise StreamError("link to peer is down")
+                for f in held:
+                    w.write(f)
+                held = []
+                sent_data = True
+                w.write(link.replication(lsn, payload))
+                if w.transport.get_write_buffer_size() > 1 << 20:
+                    await w.drain()
+                continue
+            msg = po.decode(payload)
             w = self.out.get(peer)
             if w is None:
                 raise StreamError("link to peer is down")
@@ -490,19 +525,7 @@ class ReplicationNode:
                 unacked.append(end)
                 await w.drain()
                 continue
-            if skipping:
-                continue
-            if cls in (po.Insert, po.Update, po.Delete) and msg.relid in mtm_rels:
-                continue
-            if cls is po.Truncate and mtm_rels.intersection(msg.relids):
-                continue
-            for f in held:
-                w.write(f)
-            held = []
-            sent_data = True
-            w.write(link.replication(lsn, payload))
-            if w.transport.get_write_buffer_size() > 1 << 20:
-                await w.drain()
+            raise StreamError(f"unexpected {cls.__name__} in the slot stream")
 
     # -- applying a peer's changes ---------------------------------------------------------
 

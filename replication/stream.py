@@ -19,6 +19,7 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import AsyncIterator
 
@@ -26,6 +27,10 @@ import psycopg
 from psycopg import pq
 
 from . import pgoutput as po
+
+
+_XLOGDATA = ord("w")
+_XLOG_HEADER = struct.Struct("!QQ")     # start LSN, server's end of WAL (then send time)
 
 
 class StreamError(RuntimeError):
@@ -101,9 +106,11 @@ class SlotStream:
         await self._flush()
         self._last_status = time.monotonic()
 
-    async def messages(self, with_payload: bool = False) -> AsyncIterator[tuple]:
-        """Yields (lsn, pgoutput message) until the stream ends; with
-        ``with_payload``, (lsn, message, raw payload) to forward as is."""
+    async def raw_messages(self) -> AsyncIterator[tuple[int, bytes]]:
+        """Yields (lsn, pgoutput payload) for every XLogData until the
+        stream ends, undecoded: a consumer that skips most messages (the
+        sender skips every transaction applied from another node) looks at
+        the first byte and decodes only what it needs."""
         pg = self._pg
         while True:
             n, data = pg.get_copy_data(1)
@@ -120,17 +127,29 @@ class SlotStream:
             if n == -2:
                 raise StreamError(f"replication stream failed: "
                                   f"{pg.error_message.decode(errors='replace').strip()}")
-            m = po.decode_copy_data(bytes(data))
+            kind = data[0]
+            if kind == _XLOGDATA and n > 25:
+                start, end = _XLOG_HEADER.unpack_from(data, 1)
+                if end > self.server_end_lsn:
+                    self.server_end_lsn = end
+                yield start, bytes(data[25:])
+                continue
+            m = po.decode_copy_data(bytes(data))      # keepalive, or a clear error
             if isinstance(m, po.Keepalive):
                 self.server_end_lsn = m.end_lsn
                 if m.reply_requested:
                     await self.send_status()
                 continue
-            self.server_end_lsn = max(self.server_end_lsn, m.end_lsn)
+            raise StreamError("empty XLogData from the walsender")
+
+    async def messages(self, with_payload: bool = False) -> AsyncIterator[tuple]:
+        """Yields (lsn, pgoutput message) until the stream ends; with
+        ``with_payload``, (lsn, message, raw payload) to forward as is."""
+        async for lsn, payload in self.raw_messages():
             if with_payload:
-                yield m.start_lsn, po.decode(m.payload), m.payload
+                yield lsn, po.decode(payload), payload
             else:
-                yield m.start_lsn, po.decode(m.payload)
+                yield lsn, po.decode(payload)
 
     async def close(self) -> None:
         if self._pg is not None and self.confirmed_lsn > self.start_lsn:

@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replication.commit import (AbortLocal, CommitLocal, Coordinator, FinishLocal,  # noqa: E402
-                                Generation, Participant, Persist, Reply, Send, make_gid)
+                                Generation, Participant, Persist, PersistOwn, Reply, Send,
+                                make_gid)
 
 
 @dataclass
@@ -41,11 +42,12 @@ class SimFailure(AssertionError):
 
 class Sim:
     def __init__(self, seed: int, n: int = 3, *, drop: float = 0.15, dup: float = 0.05,
-                 conflict: float = 0.1, wait_peer_commits: bool = True):
+                 conflict: float = 0.1, wait_peer_commits: bool = True,
+                 coordinator=Coordinator):
         self.rng = random.Random(seed)
         self.seed = seed
         gen = Generation(1, frozenset(range(1, n + 1)), frozenset(range(1, n + 1)))
-        self.nodes = {i: Node(i, Coordinator(i, gen, vote_timeout_ms=3000, retry_ms=100,
+        self.nodes = {i: Node(i, coordinator(i, gen, vote_timeout_ms=3000, retry_ms=100,
                                              wait_peer_commits=wait_peer_commits),
                               Participant(i, gen)) for i in gen.members}
         for node in self.nodes.values():
@@ -56,6 +58,7 @@ class Sim:
         self.replies: dict[str, Reply] = {}
         self.started: set[str] = set()
         self.wait_peer_commits = wait_peer_commits
+        self.writes: list = []     # coordinators' own precommit records being written
         self.majority = gen.majority
 
     # -- carrying out actions ------------------------------------------------------
@@ -68,6 +71,9 @@ class Sim:
                     self.net.append((a.to, a.msg))
             elif cls is Persist:
                 node.precommitted.add(a.gid)
+            elif cls is PersistOwn:
+                # durable later: an event of its own, racing the members' acks
+                self.writes.append((node.id, a.gid))
             elif cls is CommitLocal:
                 self._finish(node, a.gid, True)
                 self.run(node, node.coord.local_done(a.gid, True, self.now))
@@ -142,6 +148,8 @@ class Sim:
         lagging = self.lagging()
         if lagging:
             choices += ["stream"] * 3
+        if self.writes:
+            choices += ["write"] * 2
         choices.append("tick")
         what = self.rng.choice(choices)
         if what == "commit":
@@ -151,10 +159,15 @@ class Sim:
         elif what == "stream":
             n, o = self.rng.choice(lagging)
             self.stream_step(n, o)
+        elif what == "write":
+            node_id, gid = self.writes.pop(self.rng.randrange(len(self.writes)))
+            node = self.nodes[node_id]
+            node.precommitted.add(gid)
+            self.run(node, node.coord.persisted(gid, self.now))
         for node in self.nodes.values():
             self.run(node, node.coord.tick(self.now))
         self.check()
-        return bool(self.net or self.lagging() or self.pending())
+        return bool(self.net or self.lagging() or self.pending() or self.writes)
 
     def lagging(self) -> list:
         return [(n, o) for n in self.nodes.values() for o in n.cursors

@@ -187,9 +187,13 @@ def test_unapplicable_change_fails_the_prepare(pair, slot):
     [vote] = [r for r in results if isinstance(r, (Prepared, PrepareFailed))]
     assert isinstance(vote, PrepareFailed) and vote.sqlstate == "02000"
     assert "row to update not found in public.acc" in vote.message
-    # nothing of it stayed on B, and B is not left inside a transaction
+    # nothing of it stayed on B - not even prepared (the row checks are read
+    # after the batch that ends with PREPARE) - and B is not left inside a
+    # transaction
     assert psycopg.connect(b.dsn()).execute(
         "SELECT count(*) FROM acc WHERE id = 6").fetchone() == (0,)
+    assert psycopg.connect(b.dsn()).execute(
+        "SELECT count(*) FROM pg_prepared_xacts").fetchone() == (0,)
 
 
 async def _until_vote(a, b, slot: str = "to_b"):

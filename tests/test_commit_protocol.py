@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from replication.commit import (AbortLocal, CommitAck, CommitLocal, Coordinator, Decision,
-                                FinishLocal, Generation, Participant, Persist, Precommit,
+                                FinishLocal, Generation, Participant, Persist, PersistOwn,
+                                Precommit,
                                 PrecommitAck, Reply, Send, Vote, VoteRequest, make_gid,
                                 parse_gid)
-from sim_commit import Sim
+from sim_commit import Sim, SimFailure
 
 GEN = Generation(1, frozenset({1, 2, 3}), frozenset({1, 2, 3}))
 GID = make_gid(1, 1, 7)
@@ -19,14 +20,27 @@ def test_gid_format():
     assert parse_gid("user-gid") is None and parse_gid("MTM-1-x-2") is None
 
 
+def test_two_members_precommits_decide_while_our_own_is_written():
+    c = Coordinator(1, GEN)
+    c.start(GID, 0)
+    c.receive(Vote(GID, 2, True), 1)
+    c.receive(Vote(GID, 3, True), 2)
+    assert c.receive(PrecommitAck(GID, 2), 3) == []
+    assert c.receive(PrecommitAck(GID, 3), 4) == [CommitLocal(GID)]   # 2 durable of 3
+    assert c.persisted(GID, 5) == []                 # late: changes nothing
+    c.check_invariants()
+
+
 def test_happy_path_in_order():
     c = Coordinator(1, GEN)
     assert c.start(GID, 0) == []
     assert c.receive(Vote(GID, 2, True), 1) == []
     out = c.receive(Vote(GID, 3, True), 2)
-    # persist first, then ask the members
-    assert out == [Persist(GID), Send(2, Precommit(GID, 1)), Send(3, Precommit(GID, 1))]
-    assert c.receive(PrecommitAck(GID, 2), 3) == [CommitLocal(GID)]   # 2 of 3 configured
+    # ask the members and write our own record at the same time...
+    assert out == [Send(2, Precommit(GID, 1)), Send(3, Precommit(GID, 1)), PersistOwn(GID)]
+    # ...which counts only once it is durable
+    assert c.receive(PrecommitAck(GID, 2), 3) == []
+    assert c.persisted(GID, 3) == [CommitLocal(GID)]       # 2 of 3 configured
     assert c.receive(PrecommitAck(GID, 3), 4) == []
     assert c.local_done(GID, True, 5) == []          # waiting for the members' commits
     assert c.receive(CommitAck(GID, 2), 6) == []
@@ -40,6 +54,7 @@ def test_reply_before_peer_commits_when_configured():
     c.receive(Vote(GID, 2, True), 1)
     c.receive(Vote(GID, 3, True), 1)
     c.receive(PrecommitAck(GID, 2), 2)
+    assert c.persisted(GID, 2) == [CommitLocal(GID)]
     assert c.local_done(GID, True, 3) == [Reply(GID, True)]
 
 
@@ -148,3 +163,25 @@ def test_simulator_many_fault_schedules(wait):
     # the schedules really exercised both outcomes
     assert totals["transactions"] > 5000
     assert 0 < totals["committed"] < totals["transactions"]
+
+
+class _EagerCoordinator(Coordinator):
+    """A mutant that counts its own precommit before it is durable."""
+
+    def _maybe_precommit(self, t):
+        out = super()._maybe_precommit(t)
+        if t.state == "precommitting":
+            t.precommit_acks.add(self.node_id)
+            out += self._maybe_commit(t)
+        return out
+
+
+def test_simulator_catches_a_coordinator_counting_its_precommit_early():
+    caught = 0
+    for seed in range(100):
+        try:
+            Sim(seed, coordinator=_EagerCoordinator).run_schedule(safety_steps=200)
+        except SimFailure as e:
+            assert "precommits" in str(e), e
+            caught += 1
+    assert caught >= 10, caught

@@ -45,6 +45,22 @@ def pgbench(port: int, args: list[str], duration: int) -> dict:
             "retried": int(retried.group(1)) if retried else 0}
 
 
+def wait_caught_up(cluster, timeout: float = 120) -> None:
+    """After pgbench -i, every slot has to stream the loaded rows back to
+    our senders (they skip what was applied from elsewhere): start
+    measuring once every walsender has sent what is flushed."""
+    import psycopg
+    deadline = time.monotonic() + timeout
+    for pg in cluster.pgs:
+        with psycopg.connect(pg.dsn(), autocommit=True) as c:
+            while time.monotonic() < deadline:
+                row = c.execute("SELECT bool_and(pg_current_wal_flush_lsn() - sent_lsn < 65536) "
+                                "FROM pg_stat_replication").fetchone()
+                if row[0]:
+                    break
+                time.sleep(0.2)
+
+
 def start_sync_rep(base: Path) -> list[LocalPostgres]:
     primary = LocalPostgres(base / "primary", settings={
         "synchronous_standby_names": "'ANY 1 (s1, s2)'", "max_connections": "100"})
@@ -117,6 +133,7 @@ def main() -> int:
                                "-U", "postgres", "postgres"], capture_output=True, text=True)
         if init.returncode != 0:
             raise RuntimeError(f"pgbench -i through the cluster failed: {init.stderr}")
+        wait_caught_up(cluster)
         per = [args.clients // 3 + (1 if i < args.clients % 3 else 0) for i in range(3)]
         for name, extra in (("TPC-B-like", []), ("-N", ["-N"])):
             procs = []

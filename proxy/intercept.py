@@ -197,20 +197,40 @@ def quote_literal(s: str) -> str:
 def capture_sql(query: str, makes_rows: bool) -> str:
     """Run before a DDL Query, in its transaction: lets the DDL guard pass
     and ships the statement as text with the session context it needs."""
-    return ("SET LOCAL mtm.capture = 'on'; SELECT pg_logical_emit_message(true, 'mtm_ddl', "
+    return ("SET LOCAL mtm.capture = 'on'; SET LOCAL mtm.ddl_shipped = 'on'; "
+            "SELECT pg_logical_emit_message(true, 'mtm_ddl', "
             f"json_build_object('sql', {quote_literal(query)}, "
             "'search_path', current_setting('search_path'), 'role', current_user, "
             f"'makes_rows', {'true' if makes_rows else 'false'})::text)")
 
 
 DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
-XID_CHECK_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
-# For sessions that use temporary tables: did this transaction touch one?
-# (A transaction keeps its locks on every relation it used until it ends.)
-XID_TEMP_CHECK_SQL = (
-    "SELECT pg_current_xact_id_if_assigned() IS NOT NULL, EXISTS (SELECT 1 FROM pg_locks l "
-    "JOIN pg_class c ON c.oid = l.relation WHERE l.pid = pg_backend_pid() "
-    "AND c.relpersistence = 't')")
+# At COMMIT: did the transaction write (has an xid), did it touch a
+# temporary table, and does it have anything for the peers - DDL it shipped,
+# or a lock of a writing mode on a permanent table that is neither local
+# (mtm.make_table_local) nor in the mtm schema? A transaction keeps its locks
+# on every relation it used until it ends, and writing a table takes at
+# least ROW EXCLUSIVE on it (a trigger's writes included). One that only
+# wrote local, unlogged or temporary tables, or only advanced sequences
+# (node-local by design), commits here without the protocol.
+_TEMP_USED = ("EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+              "WHERE l.pid = pg_backend_pid() AND c.relpersistence = 't')")
+_FOR_PEERS = (
+    "coalesce(current_setting('mtm.ddl_shipped', true), '') = 'on' OR EXISTS ("
+    "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+    "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' "
+    "AND l.mode NOT IN ('AccessShareLock', 'RowShareLock') "
+    "AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' "
+    "AND c.relnamespace <> 'mtm'::regnamespace "
+    "AND NOT EXISTS (SELECT 1 FROM mtm.local_tables t WHERE t.rel = c.oid))")
+
+
+def commit_check_sql(uses_temp: bool) -> str:
+    temp = f"CASE WHEN x IS NULL THEN false ELSE {_TEMP_USED} END" if uses_temp else "false"
+    return (f"SELECT x IS NOT NULL, {temp}, CASE WHEN x IS NULL THEN false ELSE {_FOR_PEERS} END "
+            "FROM (SELECT pg_current_xact_id_if_assigned() AS x) s")
+
+
 TEMP_COMMIT_SQL = "SET LOCAL mtm.temp_commit = 'on'; COMMIT"
 
 

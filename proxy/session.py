@@ -738,8 +738,8 @@ class Session:
         elif step[0] == "client":
             self.effects.append(SendServer(f.raw))
         elif step[0] == "xid":
-            q = intercept.XID_TEMP_CHECK_SQL if self._uses_temp else intercept.XID_CHECK_SQL
-            self.effects.append(SendServer(wire.Query(q).encode()))
+            self.effects.append(SendServer(wire.Query(
+                intercept.commit_check_sql(self._uses_temp)).encode()))
         elif step[0] == "prepare":
             f.gid = self.next_gid()
             self.effects.append(SendServer(wire.Query(intercept.prepare_sql(f.gid)).encode()))
@@ -798,8 +798,8 @@ class Session:
             else:
                 f.steps = []
         elif step[0] == "xid":
-            wrote = bool(f.rows) and f.rows[0][0] == b"t"
-            used_temp = bool(f.rows) and len(f.rows[0]) > 1 and f.rows[0][1] == b"t"
+            row = f.rows[0] if f.rows else (b"f", b"f", b"f")
+            wrote, used_temp, for_peers = (v == b"t" for v in row)
             if wrote and used_temp:
                 # Cannot be prepared: commit it here only. The commit guard
                 # refuses it if it also wrote replicated tables.
@@ -808,7 +808,7 @@ class Session:
                     f.final = "relay"
                 else:
                     f.steps = [("own", intercept.TEMP_COMMIT_SQL)]
-            elif wrote:
+            elif for_peers:
                 f.steps = [("prepare",)]
             elif f.final in ("commit", "xcommit"):
                 f.steps = [("client",)]      # nothing to replicate: plain COMMIT

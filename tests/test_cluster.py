@@ -407,6 +407,38 @@ def test_make_table_local(cluster):
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM loc") == [(i, i)]
         assert rows(cluster, i, "SELECT count(*) FROM mtm.local_tables") == [(1,)]
+    # Transactions that only write local tables (or only advance sequences)
+    # commit on their node without the commit protocol; one that also
+    # writes a replicated table, or ships DDL, goes through it.
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE loc_rep (id int PRIMARY KEY)")
+        c.execute("CREATE SEQUENCE loc_seq")
+    proxy = cluster.proxies[0]
+
+    def protocol_commits() -> int:
+        return sum(e["event"] == "transaction_decided" for e in proxy.events())
+    before = protocol_commits()
+    with psycopg.connect(cluster.dsn(1)) as c:
+        c.execute("INSERT INTO loc VALUES (10, 1)")
+        c.execute("UPDATE loc SET node = 11 WHERE id = 10")
+        c.commit()
+        c.execute("SELECT nextval('loc_seq')")
+        c.commit()
+        c.execute("INSERT INTO loc VALUES (12, 1)")
+        c.execute("CREATE FUNCTION loc_f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        c.commit()                                          # DDL: through the protocol
+        c.execute("INSERT INTO loc VALUES (13, 1)")
+        c.execute("INSERT INTO loc_rep VALUES (13)")
+        c.commit()                                          # replicated row: likewise
+    wait_for(lambda: protocol_commits() == before + 2, what="two protocol commits")
+    time.sleep(0.3)
+    assert protocol_commits() == before + 2
+    assert rows(cluster, 1, "SELECT id, node FROM loc ORDER BY id") == [
+        (1, 1), (10, 11), (12, 1), (13, 1)]
+    for i in (2, 3):
+        assert rows(cluster, i, "SELECT id FROM loc ORDER BY id") == [(i,)]
+        assert rows(cluster, i, "SELECT loc_f()") == [(1,)]
+        assert rows(cluster, i, "SELECT id FROM loc_rep") == [(13,)]
 
 
 def test_client_two_phase_commands_are_refused(cluster):

@@ -51,6 +51,7 @@ class Plan:
     reason: str = ""
     sql: str = ""            # the statement text, kept for DDL capture
     temp: bool = False       # creates a temporary object: local, committed plainly
+    drop: bool = False       # one DROP: shipped unless it dropped only temporary objects
 
 
 def combine(plans: list) -> Plan:
@@ -185,7 +186,8 @@ def classify(sql: str) -> Plan:
                 for r in stmts):
             return Plan(REFUSE, reason="this statement cannot run in the same query string as "
                                        "statements that change data; send it on its own")
-        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text)
+        drop = len(stmts) == 1 and isinstance(stmts[0].stmt, ast.DropStmt)
+        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop)
     return Plan(PASS)
 
 
@@ -194,14 +196,19 @@ def quote_literal(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def capture_sql(query: str, makes_rows: bool) -> str:
+def capture_sql(query: str, makes_rows: bool, drop: bool = False) -> str:
     """Run before a DDL Query, in its transaction: lets the DDL guard pass
-    and ships the statement as text with the session context it needs."""
+    and ships the statement as text with the session context it needs.
+    A DROP is only staged: the sql_drop event trigger (mtm.on_sql_drop)
+    ships it unless everything it dropped was temporary, which exists on
+    this node only."""
+    ddl = (f"json_build_object('sql', {quote_literal(query)}, "
+           "'search_path', current_setting('search_path'), 'role', current_user, "
+           f"'makes_rows', {'true' if makes_rows else 'false'})::text")
+    if drop:
+        return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_drop', {ddl}, true)"
     return ("SET LOCAL mtm.capture = 'on'; SET LOCAL mtm.ddl_shipped = 'on'; "
-            "SELECT pg_logical_emit_message(true, 'mtm_ddl', "
-            f"json_build_object('sql', {quote_literal(query)}, "
-            "'search_path', current_setting('search_path'), 'role', current_user, "
-            f"'makes_rows', {'true' if makes_rows else 'false'})::text)")
+            f"SELECT pg_logical_emit_message(true, 'mtm_ddl', {ddl})")
 
 
 DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"

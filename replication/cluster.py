@@ -229,6 +229,31 @@ BEGIN
 END $f$;
 """
 
+ON_SQL_DROP_SQL = r"""
+CREATE OR REPLACE FUNCTION mtm.on_sql_drop() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE
+  pending text := coalesce(current_setting('mtm.pending_drop', true), '');
+  n_temp int;
+  n_all int;
+BEGIN
+  IF pending = '' THEN
+    RETURN;
+  END IF;
+  PERFORM set_config('mtm.pending_drop', '', true);
+  SELECT count(*) FILTER (WHERE is_temporary), count(*) INTO n_temp, n_all
+    FROM pg_event_trigger_dropped_objects() WHERE original;
+  IF n_temp = n_all THEN
+    RETURN;     -- only temporary objects: they exist on this node only
+  END IF;
+  IF n_temp > 0 THEN
+    RAISE EXCEPTION 'mmproxy: a DROP of temporary and permanent objects together cannot be replicated'
+      USING ERRCODE = '0A000', HINT = 'Drop the temporary objects in a statement of their own.';
+  END IF;
+  PERFORM pg_logical_emit_message(true, 'mtm_ddl', pending);
+  PERFORM set_config('mtm.ddl_shipped', 'on', true);
+END $f$;
+"""
+
 EVENT_TRIGGERS_SQL = r"""
 DO $d$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_create_table') THEN
@@ -242,6 +267,9 @@ DO $d$ BEGIN
       WHEN TAG IN ('CREATE SEQUENCE', 'CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS')
       EXECUTE FUNCTION mtm.on_create_sequence();
     ALTER EVENT TRIGGER mtm_on_create_sequence ENABLE ALWAYS;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_sql_drop') THEN
+    CREATE EVENT TRIGGER mtm_on_sql_drop ON sql_drop EXECUTE FUNCTION mtm.on_sql_drop();
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_ddl_guard') THEN
     CREATE EVENT TRIGGER mtm_ddl_guard ON ddl_command_start EXECUTE FUNCTION mtm.ddl_guard();
@@ -273,6 +301,7 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
                                    (PUBLICATION,))).fetchone():
         await c.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(
             sql.Identifier(PUBLICATION)))
+    await c.execute(ON_SQL_DROP_SQL)
     await c.execute(EVENT_TRIGGERS_SQL)
     await c.execute("SELECT mtm.alter_sequences()")
     await c.execute("RESET mtm.capture")

@@ -391,8 +391,22 @@ def test_temp_tables_as_scratch_space(cluster):
         assert c.execute("SELECT count(*) FROM scratch WHERE id = 99").fetchone() == (0,)
         c.execute("CREATE TEMP TABLE scratch2 AS SELECT * FROM perm")
         assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (1,)
+        # dropping temporary objects stays on this node (nothing to ship)...
+        c.execute("DROP TABLE scratch2")
+        with c.transaction():
+            c.execute("DROP TABLE scratch")
+        # ...a DROP of permanent ones is shipped, and mixing both is refused
+        c.execute("CREATE TABLE perm_gone (id int PRIMARY KEY)")
+        c.execute("CREATE TEMP TABLE scratch3 (id int)")
+        with pytest.raises(psycopg.errors.FeatureNotSupported,
+                           match="temporary and permanent objects together"):
+            c.execute("DROP TABLE scratch3, perm_gone")
+        c.execute("DROP TABLE perm_gone")
+        c.execute("DROP TABLE IF EXISTS perm_never_was")
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept")]
+        assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'perm_gone'") \
+            == [(0,)]
         assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'") \
             == [(0,)]
 

@@ -136,6 +136,9 @@ class LimitsConfig:
     # proxy stops reading from the other side until it drains (backpressure).
     write_buffer_high_bytes: int = 256 * 1024
     write_buffer_low_bytes: int = 64 * 1024
+    # Appliers per peer: transactions of one peer that were prepared there
+    # at the same time are applied side by side (replication/node.py).
+    apply_workers: int = 4
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class NodeConfig:
                 path = getattr(self.tls, key)
                 if not os.path.exists(path):
                     raise ConfigError(f"{self.source}: [tls] {key}: file {path!r} does not exist")
+        if self.limits.apply_workers > 64:
+            raise ConfigError(f"{self.source}: [limits] apply_workers: expected at most 64, "
+                              f"got {self.limits.apply_workers}")
         if self.limits.write_buffer_low_bytes > self.limits.write_buffer_high_bytes:
             raise ConfigError(f"{self.source}: [limits] write_buffer_low_bytes must not exceed "
                               "write_buffer_high_bytes")
@@ -167,7 +173,7 @@ class NodeConfig:
 _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat_interval_ms",
              "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
              "commit_vote_timeout_ms", "apply_lock_timeout_ms",
-             "write_buffer_high_bytes", "write_buffer_low_bytes"}
+             "write_buffer_high_bytes", "write_buffer_low_bytes", "apply_workers"}
 
 def _describe(v: object) -> str:
     if isinstance(v, dict):

@@ -26,9 +26,16 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
   than ``INSERT_BATCH_ROWS`` inserts into one table goes through COPY, in
   batches of at most ``COPY_BATCH_ROWS`` rows or ``COPY_BATCH_BYTES``
   bytes. Memory stays bounded by these sizes.
-- Replay is normal (a restarted stream resends what was not confirmed):
-  a transaction whose end LSN is not past the origin's recorded progress
-  was applied already and is skipped whole.
+- Several appliers may apply one peer's stream (parallel apply, see
+  ``node.py``): each has its own origin (``mtm_node_<peer>``,
+  ``mtm_node_<peer>_<k>``; PostgreSQL 15 lets one session at a time use an
+  origin), and every applied transaction records its gid (or, for a plain
+  commit, its end LSN) in ``mtm.applied``, in the transaction itself.
+- Replay is normal (a restarted stream resends what was not confirmed).
+  With parallel apply a transaction below the highest applied LSN may or
+  may not have been applied, so such a transaction is looked up: prepared
+  here (pg_prepared_xacts) - vote again; committed here (``mtm.applied``)
+  - skip it; neither - apply it.
 - DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
   order with the rows, and is run with the session context it was captured
   with; rows that the DDL statement made itself (CREATE TABLE AS) are
@@ -80,13 +87,17 @@ class ApplyError(RuntimeError):
     """A failure outside a prepared transaction: cannot be voted away."""
 
 
+APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
+                     "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL)")
+
+
 class Applier:
     def __init__(self, conn: psycopg.AsyncConnection, peer_id: int, *,
-                 lock_timeout_ms: int = 1000):
+                 lock_timeout_ms: int = 1000, worker: int = 0):
         assert conn.autocommit, "the applier manages transactions itself"
         self.conn = conn
         self.peer_id = peer_id
-        self.origin = origin_name(peer_id)
+        self.origin = origin_name(peer_id) + (f"_{worker}" if worker else "")
         self.lock_timeout_ms = lock_timeout_ms
         self.relations: dict[int, po.Relation] = {}
         self._in_txn = False
@@ -95,8 +106,9 @@ class Applier:
         self._skip_rows = False
         self._commit_lsn = 0
         self._commit_ts = 0
-        self._applied_lsn = 0      # origin progress at setup: older is a replay
-        self._replay = False       # skipping an already applied transaction
+        self._applied_lsn = 0      # highest applied at setup: older may be a replay
+        self._replay = None        # what to answer for an already applied transaction
+        self._key_lsn = 0          # end LSN the transaction being applied is known by
         # Consecutive inserts into one table are applied together: a
         # multi-row INSERT in the batch, or one COPY when there are many.
         self._copy_rel: po.Relation | None = None
@@ -119,18 +131,46 @@ class Applier:
         await c.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
         await c.execute("SET check_function_bodies = off")
         await c.execute("SET session_replication_role = replica")
+        if not (await (await c.execute("SELECT to_regclass('mtm.applied') IS NOT NULL"))
+                .fetchone())[0]:
+            try:   # init-cluster makes it; a bare server (tests) gets it here
+                await c.execute("CREATE SCHEMA IF NOT EXISTS mtm")
+                await c.execute(APPLIED_TABLE_SQL)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
+                    psycopg.errors.DuplicateSchema):
+                pass    # another applier made it at the same time
         self._applied_lsn = await self.applied_lsn()
 
     @property
     def idle(self) -> bool:
         """Between transactions."""
-        return not self._in_txn and not self._replay
+        return not self._in_txn and self._replay is None
 
     async def applied_lsn(self) -> int:
+        """The highest LSN of the peer applied by any of its appliers."""
+        base = origin_name(self.peer_id)
         row = await (await self.conn.execute(
-            "SELECT remote_lsn FROM pg_replication_origin_status s JOIN pg_replication_origin o "
-            "ON o.roident = s.local_id WHERE o.roname = %s", (self.origin,))).fetchone()
+            "SELECT max(remote_lsn) FROM pg_replication_origin_status s JOIN pg_replication_origin o "
+            "ON o.roident = s.local_id WHERE o.roname = %s OR o.roname LIKE %s",
+            (base, base.replace("_", "\\_") + "\\_%"))).fetchone()
         return po.parse_lsn(row[0]) if row and row[0] else 0
+
+    def _applied_key(self, gid: str | None, end: int) -> str:
+        return gid if gid is not None else f"{self.peer_id}/{po.lsn_str(end)}"
+
+    async def _replay_answer(self, gid: str | None, end: int):
+        """A transaction at or below the highest applied LSN: applied
+        already (the answer to give for it), or None to apply it."""
+        prepared, applied = await (await self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
+            "AND database = current_database()), "
+            "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)",
+            (gid or "", self._applied_key(gid, end)))).fetchone()
+        if gid is not None and prepared:
+            return Prepared(gid)
+        if applied:
+            return Finished(gid, True, False)
+        return None
 
     # -- the message loop --------------------------------------------------------
 
@@ -143,18 +183,20 @@ class Applier:
             return None
         if cls is po.Begin or cls is po.BeginPrepare:
             end = msg.final_lsn if cls is po.Begin else msg.end_lsn
+            gid = getattr(msg, "gid", None)
             if end <= self._applied_lsn:
-                self._replay = True
-                return None
-            await self._begin(getattr(msg, "gid", None))
+                self._replay = await self._replay_answer(gid, end)
+                if self._replay is not None:
+                    return None
+            await self._begin(gid)
+            self._key_lsn = end
             self._commit_lsn = end
             self._commit_ts = msg.commit_ts if cls is po.Begin else msg.prepare_ts
             return None
-        if self._replay:
+        if self._replay is not None:
             if cls is po.Commit or cls is po.Prepare:
-                self._replay = False
-                return (Finished(None, True, False) if cls is po.Commit
-                        else Prepared(msg.gid))
+                answer, self._replay = self._replay, None
+                return answer
             return None
         if cls is po.Commit or cls is po.Prepare:
             if not self._in_txn:
@@ -250,6 +292,12 @@ class Applier:
         self._failed = None
         self._skip_rows = False
 
+    def _record_applied(self, gid: str | None) -> sql.Composable:
+        return sql.SQL("INSERT INTO mtm.applied (key, peer, lsn) VALUES ({}, {}, {}) "
+                       "ON CONFLICT (key) DO NOTHING").format(
+            sql.Literal(self._applied_key(gid, self._key_lsn)), sql.Literal(self.peer_id),
+            sql.Literal(po.lsn_str(self._key_lsn)))
+
     def _origin_position(self) -> sql.Composable:
         return sql.SQL("SELECT pg_replication_origin_xact_setup({}, to_timestamp({}))").format(
             sql.Literal(po.lsn_str(self._commit_lsn)),
@@ -275,6 +323,7 @@ class Applier:
         self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
         try:
             await self._flush_inserts()
+            self._add(self._record_applied(None))
             self._add(self._origin_position())
             self._add("COMMIT")
             await self._send_batch()
@@ -294,6 +343,7 @@ class Applier:
         prepare = sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(msg.gid))
         try:
             await self._flush_inserts()
+            self._add(self._record_applied(msg.gid))
             self._add(self._origin_position())
             self._add(prepare)
             await self._send_batch()

@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS mtm.node_state (
   id int PRIMARY KEY, status text NOT NULL, gen_num bigint NOT NULL, gen_members int[] NOT NULL,
   connected int[] NOT NULL, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS mtm.precommits (gid text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS mtm.applied (key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL);
 CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
 
 CREATE OR REPLACE FUNCTION mtm.commit_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
@@ -191,15 +192,22 @@ LANGUAGE sql STABLE AS $f$
   SELECT n.id, n.address, n.is_self, true,
          n.is_self OR coalesce(n.id = ANY((SELECT st.connected FROM mtm.status() st)::int[]),
                                false),
-         sl.active_pid, NULL::int, CASE WHEN n.is_self THEN 0 ELSE 1 END,
+         sl.active_pid, aw.pid, CASE WHEN n.is_self THEN 0 ELSE aw.workers::int END,
          CASE WHEN n.is_self THEN NULL ELSE 'normal' END,
          CASE WHEN n.is_self THEN 0
               ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), sl.confirmed_flush_lsn) END,
-         os.remote_lsn
+         ap.remote_lsn
   FROM mtm.nodes n
   LEFT JOIN pg_replication_slots sl ON sl.slot_name = 'mtm_slot_' || n.id
-  LEFT JOIN pg_replication_origin o ON o.roname = 'mtm_node_' || n.id
-  LEFT JOIN pg_replication_origin_status os ON os.local_id = o.roident
+  -- each applier of a peer has its own origin: mtm_node_<id>, mtm_node_<id>_<k>
+  LEFT JOIN LATERAL (
+    SELECT max(os.remote_lsn) AS remote_lsn FROM pg_replication_origin o
+      JOIN pg_replication_origin_status os ON os.local_id = o.roident
+     WHERE o.roname = 'mtm_node_' || n.id OR o.roname LIKE 'mtm\_node\_' || n.id || '\_%') ap ON true
+  LEFT JOIN LATERAL (
+    SELECT min(a.pid) AS pid, count(*) AS workers FROM pg_stat_activity a
+     WHERE a.application_name = 'mmproxy apply from node ' || n.id
+        OR a.application_name LIKE 'mmproxy apply from node ' || n.id || ' #%') aw ON true
   ORDER BY n.id
 $f$;
 

@@ -38,7 +38,7 @@ from proxy import log as mlog
 from . import commit as cp
 from . import link
 from . import pgoutput as po
-from .apply import Applier, Finished, PrepareFailed, Prepared
+from .apply import Applier, ApplyError, Finished, PrepareFailed, Prepared
 from .cluster import PUBLICATION, slot_name
 from .stream import SlotStream, StreamError
 
@@ -48,6 +48,7 @@ _ROW_KINDS = frozenset(b"IUDTM")
 _TRUNCATE, _MESSAGE = ord("T"), ord("M")
 _RELID = struct.Struct("!I")
 WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
+APPLIED_GC_INTERVAL_S = 10
 
 # For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
 # prepared transactions) and which prepared transactions hold a lock on the
@@ -91,12 +92,14 @@ class ReplicationNode:
         self.conninfo = pg.conninfo()
         self.password = pg.password()
         self._seq = 0
-        # peer -> (applier backend pid, gid being applied, since when) while
-        # it applies a transaction to be prepared
-        self.applying: dict[int, tuple[int, str, float]] = {}
+        # (peer, applier) -> (its backend pid, gid being applied, since when)
+        # while it applies a transaction to be prepared
+        self.applying: dict[tuple[int, int], tuple[int, str, float]] = {}
         self._wounded: set = set()
         # gid -> the older gid for which its applier's statement was cancelled
         self._cancelled: dict[str, str] = {}
+        # peer -> end LSN up to which all its transactions are applied here
+        self.acked: dict[int, int] = {}
         # proxy callback: end a client session's transaction with 40001
         self.wound_backend = wound_backend
         self.out: dict[int, asyncio.StreamWriter] = {}
@@ -133,6 +136,7 @@ class ReplicationNode:
         self.tasks.append(asyncio.create_task(self._ticker()))
         self.tasks.append(asyncio.create_task(self._publish_state()))
         self.tasks.append(asyncio.create_task(self._conflict_watchdog()))
+        self.tasks.append(asyncio.create_task(self._forget_applied()))
         self.log.info("replication_started", peers=sorted(self.peers),
                       generation=self.generation.num)
 
@@ -329,6 +333,22 @@ class ReplicationNode:
         # CancelRequest goes through a forked child and signals the
         # backend's process group too (two 57014s for one statement).
         await self._sql("SELECT pg_cancel_backend(%s)", (pid,))
+
+    async def _forget_applied(self) -> None:
+        """mtm.applied is only read for transactions a peer may send again:
+        those past the position its slot confirmed. The peer confirms what we
+        acknowledged within a status interval (1 s), so each round deletes
+        what was acknowledged a round (10 s) ago."""
+        horizon: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(APPLIED_GC_INTERVAL_S)
+            for peer, lsn in horizon.items():
+                try:
+                    await self._sql("DELETE FROM mtm.applied WHERE peer = %s AND lsn < %s",
+                                    (peer, po.lsn_str(lsn)))
+                except psycopg.Error as e:
+                    self.log.warning("applied_gc_failed", peer=peer, error=str(e))
+            horizon = dict(self.acked)
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""
@@ -530,43 +550,161 @@ class ReplicationNode:
     # -- applying a peer's changes ---------------------------------------------------------
 
     async def _receiver(self, peer: int) -> None:
+        """Apply ``peer``'s stream with ``[limits] apply_workers`` appliers
+        plus a finisher (see ``_dispatch``); any failure restarts them all
+        and the stream (from what we acknowledged)."""
         while True:
-            conn = None
+            conns: list = []
             try:
-                conn = await self._connect(application_name=f"mmproxy apply from node {peer}")
-                applier = Applier(conn, peer,
-                                  lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
-                await applier.setup()
-                applier_epoch = self.link_epoch[peer]
-                pid = conn.info.backend_pid
-                inbox = self.inbox[peer]
-                while True:
-                    epoch, payload = await inbox.get()
-                    if epoch != self.link_epoch[peer]:
-                        continue            # from a link that was reset
-                    if not applier.idle and epoch != applier_epoch:
-                        raise RuntimeError("stream restarted inside a transaction")
-                    applier_epoch = epoch
-                    lsn, raw = link.unpack_lsn(payload)
-                    msg = po.decode(raw)
-                    if msg.__class__ is po.BeginPrepare:
-                        self.applying[peer] = (pid, msg.gid, time.monotonic())
-                    r = await applier.apply(msg)
-                    if applier.idle:
-                        self.applying.pop(peer, None)
-                    if r is None:
-                        continue
-                    await self._applied(peer, msg, r)
+                workers = []
+                n = self.cfg.limits.apply_workers
+                for k in range(n + 1):
+                    name = f"mmproxy apply from node {peer}" + (
+                        "" if k == 0 else " #finish" if k == n else f" #{k}")
+                    conn = await self._connect(application_name=name)
+                    conns.append(conn)
+                    applier = Applier(conn, peer, worker=k,
+                                      lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
+                    await applier.setup()
+                    workers.append(_Worker(k, applier, conn.info.backend_pid))
+                async with asyncio.TaskGroup() as tg:
+                    for w in workers:
+                        tg.create_task(self._work(peer, w))
+                    tg.create_task(self._dispatch(peer, workers[:-1], workers[-1]))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # psycopg errors, ApplyError: restart cleanly
-                self.applying.pop(peer, None)
-                self.log.error("apply_failed", peer=peer, error=str(e))
+                errors = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
+                self.log.error("apply_failed", peer=peer, error="; ".join(map(str, errors)))
                 self._reset_link(peer)
                 await asyncio.sleep(0.5)
             finally:
-                if conn is not None:
+                for key in [k for k in self.applying if k[0] == peer]:
+                    del self.applying[key]
+                for conn in conns:
                     await conn.close()
+
+    async def _dispatch(self, peer: int, workers: list, finisher: _Worker) -> None:
+        """Hand ``peer``'s transactions to the appliers, in parallel where
+        they do not depend on each other.
+
+        Transactions a peer prepared at the same time held their locks
+        together there, so none of them saw the others' writes: they are
+        independent, and each goes to a free worker. What a transaction can
+        depend on is what was *committed* before it began - a COMMIT/ROLLBACK
+        PREPARED or a plain commit earlier in the stream - so a PREPAREd
+        transaction starts only after those are done here. COMMIT/ROLLBACK
+        PREPARED go to the finisher, after their own PREPARE (in the normal
+        case it is done already: the coordinator needed our vote); a
+        ROLLBACK PREPARED of a transaction still being applied cancels that
+        applier. A plain (non-prepared) commit waits for everything before
+        it. The stream is acknowledged only up to where everything before
+        is done, so a restart resends whatever was in flight; appliers
+        recognise what they did already (``Applier._replay_answer``)."""
+        inbox = self.inbox[peer]
+        epoch0 = self.link_epoch[peer]
+        order: deque = deque()              # [end lsn or None, answer] in stream order
+        prepares: dict[str, asyncio.Future] = {}    # gid -> answer, while being applied
+        finishes: list[asyncio.Future] = []         # not yet done: later prepares wait
+        target: _Worker | None = None       # receives the rest of the current transaction
+        entry: list | None = None
+        loop = asyncio.get_running_loop()
+
+        def acknowledge(_=None) -> None:
+            last = None
+            while order and order[0][0] is not None and order[0][1].done():
+                last = order.popleft()[0]
+            if last is None:
+                return
+            self.acked[peer] = last
+            w = self.out.get(peer)
+            if w is not None:
+                w.write(link.applied(last))
+
+        def track(end, fut) -> list:
+            e = [end, fut]
+            order.append(e)
+            fut.add_done_callback(acknowledge)
+            return e
+
+        while True:
+            epoch, payload = await inbox.get()
+            if epoch != self.link_epoch[peer]:
+                continue            # from a link that was reset
+            if epoch != epoch0:
+                if order:
+                    raise RuntimeError("stream restarted with transactions in flight")
+                epoch0 = epoch
+            lsn, raw = link.unpack_lsn(payload)
+            msg = po.decode(raw)
+            cls = msg.__class__
+            if cls is po.Relation or cls is po.Type:
+                for w in (*workers, finisher):
+                    w.queue.put_nowait((msg, None, None))
+                continue
+            if target is not None:
+                target.queue.put_nowait((msg, target.current, None))
+                if cls is po.Prepare or cls is po.Commit:
+                    entry[0] = msg.end_lsn
+                    target = entry = None
+                    acknowledge()
+                continue
+            if cls is po.BeginPrepare:
+                finishes = [f for f in finishes if not f.done()]
+                if finishes:
+                    await asyncio.wait(finishes)
+                target = await _free_worker(workers)
+                fut = target.current = loop.create_future()
+                prepares[msg.gid] = fut
+                fut.add_done_callback(lambda f, g=msg.gid: prepares.pop(g, None))
+                entry = track(None, fut)
+                target.queue.put_nowait((msg, fut, None))
+            elif cls is po.Begin:
+                pending = [f for f in (*finishes, *prepares.values()) if not f.done()]
+                if pending:
+                    await asyncio.wait(pending)
+                target = finisher
+                fut = target.current = loop.create_future()
+                finishes.append(fut)
+                entry = track(None, fut)
+                target.queue.put_nowait((msg, fut, None))
+            elif cls is po.CommitPrepared or cls is po.RollbackPrepared:
+                before = prepares.get(msg.gid)
+                if before is not None and cls is po.RollbackPrepared:
+                    await self._abandon(peer, msg.gid)
+                fut = loop.create_future()
+                finishes.append(fut)
+                track(msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn, fut)
+                finisher.queue.put_nowait((msg, fut, before))
+            elif cls is po.Message and not msg.transactional:
+                continue
+            else:
+                raise ApplyError(f"{cls.__name__} outside a transaction from node {peer}")
+
+    async def _work(self, peer: int, w: _Worker) -> None:
+        """One applier: applies what ``_dispatch`` queued for it, votes."""
+        key = (peer, w.k)
+        while True:
+            msg, fut, after = await w.queue.get()
+            if after is not None and not after.done():
+                await asyncio.wait([after])   # COMMIT/ROLLBACK PREPARED after its PREPARE
+            if msg.__class__ is po.BeginPrepare:
+                self.applying[key] = (w.pid, msg.gid, time.monotonic())
+            r = await w.applier.apply(msg)
+            if w.applier.idle:
+                self.applying.pop(key, None)
+            if r is not None:
+                await self._applied(peer, msg, r)
+                if fut is not None and not fut.done():
+                    fut.set_result(r)
+
+    async def _abandon(self, peer: int, gid: str) -> None:
+        """``gid`` is being rolled back by its coordinator while one of our
+        appliers still applies it (it may be waiting for a lock): cancel
+        that applier's statement rather than finish applying it."""
+        for (p, _), (pid, g, _) in list(self.applying.items()):
+            if p == peer and g == gid:
+                await self._cancel_backend(pid)
 
     def _reset_link(self, peer: int) -> None:
         """Drop the peer's incoming link: it reconnects and resends from the
@@ -593,11 +731,27 @@ class ReplicationNode:
             await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))
         elif isinstance(r, Finished) and r.gid is not None:
             await self.execute(self.part.finished(r.gid, r.committed))
-        end = getattr(msg, "end_lsn", None) or getattr(msg, "rollback_end_lsn", None)
-        if end:
-            w = self.out.get(peer)
-            if w is not None:
-                w.write(link.applied(end))
+
+
+class _Worker:
+    """An applier of ``_dispatch``, with its queue of (message, answer
+    future, what to wait for first)."""
+    __slots__ = ("k", "applier", "pid", "queue", "current")
+
+    def __init__(self, k: int, applier: Applier, pid: int):
+        self.k = k
+        self.applier = applier
+        self.pid = pid
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.current: asyncio.Future | None = None    # the answer of its transaction
+
+
+async def _free_worker(workers: list) -> _Worker:
+    while True:
+        for w in workers:
+            if w.current is None or w.current.done():
+                return w
+        await asyncio.wait([w.current for w in workers], return_when=asyncio.FIRST_COMPLETED)
 
 
 def _now_ms() -> int:

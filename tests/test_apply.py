@@ -222,6 +222,31 @@ def test_replayed_transactions_are_skipped(pair, slot):
     assert dump(a)[0] == dump(b)[0]
 
 
+def test_replay_below_the_applied_position_applies_what_was_missed(pair, slot):
+    """With parallel apply, a later transaction can be applied (and move an
+    origin's progress past an earlier one) while the earlier one is not: a
+    replay then looks each transaction up (prepared? recorded in
+    mtm.applied?) instead of trusting the position, and applies what is
+    missing - and only that."""
+    a, b = pair
+    a.psql("SELECT pg_create_logical_replication_slot('replay2', 'pgoutput', false, true)")
+    a.psql("INSERT INTO acc VALUES (40, 'first', 1, NULL)")
+    a.psql("INSERT INTO acc VALUES (41, 'second', 1, NULL)")
+    a.psql("INSERT INTO acc VALUES (42, 'third', 1, NULL)")
+    asyncio.run(pump(a, b, until_commits=3))
+    # as if the second had never been applied here
+    with psycopg.connect(b.dsn(), autocommit=True) as c:
+        c.execute("SET session_replication_role = replica")
+        c.execute("DELETE FROM acc WHERE id = 41")
+        [key] = c.execute("SELECT key FROM mtm.applied ORDER BY lsn DESC OFFSET 1 LIMIT 1")\
+            .fetchone()
+        c.execute("DELETE FROM mtm.applied WHERE key = %s", (key,))
+    results, _ = asyncio.run(pump(a, b, slot="replay2", until_commits=3))
+    a.psql("SELECT pg_drop_replication_slot('replay2')")
+    assert [r.applied for r in results if isinstance(r, Finished)][-3:] == [False, True, False]
+    assert dump(a)[0] == dump(b)[0]
+
+
 def test_committed_transaction_that_cannot_apply_is_an_error(pair, slot):
     a, b = pair
     b.psql("INSERT INTO acc VALUES (8, 'already on b', 0, NULL)")

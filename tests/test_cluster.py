@@ -583,6 +583,46 @@ def test_local_sessions_queued_on_a_row_give_way_to_a_committing_transaction(clu
     assert no_prepared_left(cluster)
 
 
+def test_parallel_apply_an_independent_transaction_overtakes_a_blocked_one(cluster):
+    """Node 1 commits A (row 1) and then B (row 2). On node 2 a local
+    session sits idle in a transaction holding row 1, so node 2's applier of
+    A waits for it. B does not depend on A (they were prepared on node 1 at
+    the same time): another applier applies it, and B commits while A is
+    still waiting. Serial apply would hold B behind A."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE par (id int PRIMARY KEY, n int)")
+        c.execute("INSERT INTO par VALUES (1, 0), (2, 0)")
+    holder = psycopg.connect(cluster.dsn(2))
+    holder.execute("UPDATE par SET n = n + 1000 WHERE id = 1")     # and stays idle
+    result: dict = {}
+
+    def commit_a():
+        with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+            try:
+                c.execute("UPDATE par SET n = n + 10 WHERE id = 1")
+                result["A"] = "ok"
+            except psycopg.Error as e:
+                result["A"] = e.sqlstate
+
+    a = threading.Thread(target=commit_a)
+    a.start()
+    wait_for(lambda: rows(cluster, 2, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                      "application_name LIKE 'mmproxy apply from node 1%' "
+                                      "AND wait_event_type = 'Lock'") == [(1,)],
+             what="node 2's applier waiting for row 1")
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("UPDATE par SET n = n + 100 WHERE id = 2")
+    assert "A" not in result, "B waited for A"
+    holder.close()                      # releases row 1: A goes on (or timed out: 40001)
+    a.join(30)
+    assert result["A"] in ("ok", "40001"), result
+    expected = (10 if result["A"] == "ok" else 0, 100)
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT n FROM par ORDER BY id") == [(expected[0],),
+                                                                    (expected[1],)]
+    assert no_prepared_left(cluster)
+
+
 def test_ddl_suite_types_functions_alter_drop(cluster):
     with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
         c.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")

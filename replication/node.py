@@ -2,7 +2,8 @@
 
 Owns: the inter-node links, one *sender* per peer (this node's slot for
 that peer, filtered, forwarded over the link), one *receiver* per peer (the
-peer's stream applied by an ``Applier``), the commit-protocol cores
+peer's stream dispatched to ``[limits] apply_workers`` ``Applier``s and a
+finisher, see ``_dispatch``), the commit-protocol cores
 (``Coordinator`` for this node's transactions, ``Participant`` for the
 peers'), and a small pool of local connections that carry out the cores'
 actions (PERSIST, COMMIT/ROLLBACK PREPARED).

@@ -110,6 +110,7 @@ class ReplicationNode:
         self.inbox: dict[int, asyncio.Queue] = {
             p: asyncio.Queue(RECEIVE_QUEUE_FRAMES) for p in self.peers}
         self.waiters: dict[str, asyncio.Future] = {}
+        self._handlers: set = set()     # protocol messages being handled
         self.pool: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
@@ -142,9 +143,9 @@ class ReplicationNode:
                       generation=self.generation.num)
 
     async def stop(self) -> None:
-        for t in self.tasks:
+        for t in (*self.tasks, *self._handlers):
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, *self._handlers, return_exceptions=True)
         if self.server is not None:
             self.server.close()
         # Let the link handlers see EOF and return, rather than be cancelled
@@ -424,9 +425,13 @@ class ReplicationNode:
                     elif kind == b"A":
                         self._acked(peer, int.from_bytes(payload, "big"))
                     elif kind == b"J":
-                        msg = link.decode_protocol(payload)
-                        await self.execute(self.coord.receive(msg, _now_ms()))
-                        await self.execute(self.part.receive(msg))
+                        # Handled on its own: its actions may wait for a
+                        # durable write, and the link must go on delivering
+                        # the other transactions' votes and acks meanwhile
+                        # (the cores take messages in any order).
+                        t = asyncio.ensure_future(self._protocol(link.decode_protocol(payload)))
+                        self._handlers.add(t)
+                        t.add_done_callback(self._handlers.discard)
         except (OSError, link.LinkError) as e:
             self.log.warning("link_error", peer=peer, error=str(e))
         finally:
@@ -706,6 +711,13 @@ class ReplicationNode:
         for (p, _), (pid, g, _) in list(self.applying.items()):
             if p == peer and g == gid:
                 await self._cancel_backend(pid)
+
+    async def _protocol(self, msg) -> None:
+        try:
+            await self.execute(self.coord.receive(msg, _now_ms()))
+            await self.execute(self.part.receive(msg))
+        except psycopg.Error as e:   # the sender retransmits; we answer then
+            self.log.warning("protocol_message_failed", gid=msg.gid, error=str(e))
 
     def _reset_link(self, peer: int) -> None:
         """Drop the peer's incoming link: it reconnects and resends from the

@@ -360,15 +360,15 @@ class Applier:
         return Prepared(msg.gid)
 
     async def _finish_prepared(self, gid: str, commit: bool, end_lsn: int, ts: int) -> Finished:
-        self._commit_lsn, self._commit_ts = end_lsn, ts
-        # The origin position is set up only if the gid is prepared here.
-        known = await (await self.conn.execute(
-            sql.SQL("{} FROM pg_prepared_xacts WHERE gid = {} AND database = current_database()")
-            .format(self._origin_position(), sql.Literal(gid)))).fetchone()
-        if not known:
-            return Finished(gid, commit, False)
+        # No origin position: the PREPARE recorded this transaction's, and
+        # the sender knows a COMMIT/ROLLBACK PREPARED by its gid. One round
+        # trip; a gid not prepared here is left alone.
         verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
-        await self.conn.execute(sql.SQL(verb + " {}").format(sql.Literal(gid)))
+        try:
+            await self.conn.execute(sql.SQL(verb + " {}").format(sql.Literal(gid)))
+        except (psycopg.errors.UndefinedObject,        # not prepared here
+                psycopg.errors.FeatureNotSupported):   # prepared in another database
+            return Finished(gid, commit, False)
         return Finished(gid, commit, True)
 
     # -- row changes --------------------------------------------------------------

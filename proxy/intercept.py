@@ -27,6 +27,8 @@ from pglast import ast
 from pglast.enums import TransactionStmtKind
 
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
+# A client's own PREPARE TRANSACTION, and COMMIT/ROLLBACK PREPARED of it.
+USER_PREPARE, USER_FINISH = "user_prepare", "user_finish"
 SERIALIZATION_FAILURE = "40001"
 
 _LONE_COMMIT = re.compile(r"^\s*(commit|end)(\s+(work|transaction))?\s*;?\s*$", re.I)
@@ -52,12 +54,17 @@ class Plan:
     sql: str = ""            # the statement text, kept for DDL capture
     temp: bool = False       # creates a temporary object: local, committed plainly
     drop: bool = False       # one DROP: shipped unless it dropped only temporary objects
+    gid: str = ""            # USER_PREPARE / USER_FINISH: the client's gid
+    commit: bool = False     # USER_FINISH: COMMIT (else ROLLBACK) PREPARED
 
 
 def combine(plans: list) -> Plan:
     """The plan of an extended-protocol batch: the strictest of its Executes."""
     if not plans:
         return Plan(PASS)
+    if any(p.kind in (USER_PREPARE, USER_FINISH) for p in plans):
+        return Plan(REFUSE, reason="PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED "
+                                   "go through the cluster with the simple query protocol only")
     for kind in (REFUSE, COMMIT):
         for p in plans:
             if p.kind == kind:
@@ -113,6 +120,10 @@ def _calls_make_table_local(s) -> bool:
     return False
 
 
+_TWO_PHASE = (TransactionStmtKind.TRANS_STMT_PREPARE, TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+              TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED)
+
+
 def classify(sql: str) -> Plan:
     if _LONE_COMMIT.match(sql):
         return Plan(COMMIT)
@@ -122,20 +133,25 @@ def classify(sql: str) -> Plan:
         return Plan(PASS)   # PostgreSQL reports the syntax error itself
     if not stmts:
         return Plan(PASS)
+    if len(stmts) > 1 and any(
+            isinstance(r.stmt, ast.TransactionStmt) and r.stmt.kind in _TWO_PHASE for r in stmts):
+        return Plan(REFUSE, reason="PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED "
+                                   "must be sent on their own")
     kinds = []
     ddl = makes_rows = False
     for raw in stmts:
         s = raw.stmt
         if isinstance(s, ast.TransactionStmt):
-            if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE:
-                return Plan(REFUSE, reason="PREPARE TRANSACTION by clients is not supported by "
-                                           "the cluster: every commit already is a two-phase "
-                                           "commit across the nodes")
-            if s.kind in (TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
-                          TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED) \
-                    and (s.gid or "").startswith("MTM-"):
+            finish = s.kind in (TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+                                TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED)
+            if finish and (s.gid or "").startswith("MTM-"):
                 return Plan(REFUSE, reason=f"transaction {s.gid} is managed by the cluster's "
                                            "commit protocol and cannot be finished by hand")
+            if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE or finish:
+                if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE:
+                    return Plan(USER_PREPARE, gid=s.gid)
+                return Plan(USER_FINISH, gid=s.gid,
+                            commit=s.kind == TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED)
             if s.chain:
                 return Plan(REFUSE, reason="COMMIT AND CHAIN / ROLLBACK AND CHAIN is not "
                                            "supported by the cluster")
@@ -248,6 +264,13 @@ def prepare_sql(gid: str) -> str:
     g = quote_literal(gid)
     return (f"SET LOCAL mtm.preparing = 'on'; "
             f"SELECT pg_logical_emit_message(true, 'mtm_prepare', {g}); PREPARE TRANSACTION {g}")
+
+
+def user_gid_lookup_sql(user_gid: str) -> str:
+    """The cluster gid under which the client's ``user_gid`` is prepared."""
+    return ("SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+            "AND gid ~ '^MTM-[0-9]+-[0-9]+-[0-9]+:' "
+            f"AND substr(gid, strpos(gid, ':') + 1) = {quote_literal(user_gid)}")
 
 
 def wound_sql(message: str) -> str:

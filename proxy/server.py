@@ -31,7 +31,7 @@ from config import NodeConfig
 from . import log as mlog
 from . import wire
 from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey, RunCommit,
-                      SendClient, SendServer, Session, StartTLS)
+                      RunRelease, SendClient, SendServer, Session, StartTLS)
 
 TOO_MANY_CONNECTIONS = "53300"
 # After this a wound's cancel signal has landed or was dropped (a backend
@@ -294,12 +294,22 @@ class ClientConnection(asyncio.Protocol):
             elif cls is StartTLS:
                 asyncio.ensure_future(self._start_tls())
             elif cls is RunCommit:
-                asyncio.ensure_future(self._run_commit(eff.gid))
+                asyncio.ensure_future(self._run_commit(eff.gid, eff.hold))
+            elif cls is RunRelease:
+                asyncio.ensure_future(self._run_release(eff.gid, eff.commit))
             else:  # pragma: no cover - a new effect without a handler
                 raise AssertionError(f"unhandled effect {eff!r}")
 
-    async def _run_commit(self, gid: str) -> None:
-        reply = await self.server.node.commit(gid)
+    async def _run_release(self, gid: str, commit: bool) -> None:
+        reply = await self.server.node.release(gid, commit)
+        self.log.info("prepared_transaction_finished" if reply.committed == commit
+                      else "prepared_transaction_finish_failed", session=self.sid, gid=gid,
+                      commit=commit, sqlstate=reply.sqlstate, message=reply.message)
+        self.core.commit_outcome(reply.committed, reply.sqlstate, reply.message)
+        self.run_effects()
+
+    async def _run_commit(self, gid: str, hold: bool = False) -> None:
+        reply = await self.server.node.commit(gid, hold)
         if reply.committed:
             self.log.debug("commit", session=self.sid, gid=gid)
         else:

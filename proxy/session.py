@@ -32,6 +32,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
+from replication.commit import USER_GID_SEP
+
 from . import intercept, wire
 from .wire import Framer, Message, ProtocolViolation
 
@@ -93,8 +95,20 @@ class RegisterCancelKey:
 @dataclass(frozen=True)
 class RunCommit:
     """``gid`` is prepared on the local node: run the cluster commit
-    protocol and call ``Session.commit_outcome`` with the result."""
+    protocol and call ``Session.commit_outcome`` with the result. With
+    ``hold`` (the client's own PREPARE TRANSACTION) the protocol stops once
+    every node has prepared it."""
     gid: str
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class RunRelease:
+    """The client's COMMIT/ROLLBACK PREPARED of the cluster gid ``gid``:
+    have it finished everywhere and call ``Session.commit_outcome`` (with
+    committed = the outcome)."""
+    gid: str
+    commit: bool
 
 
 @dataclass(frozen=True)
@@ -649,6 +663,10 @@ class Session:
                 return raw
         elif kind == intercept.COMMIT and status == b"T":
             steps, final = [("xid",)], ("xcommit" if extended else "commit")
+        elif kind == intercept.USER_PREPARE and status == b"T":
+            steps, final = [("xid",)], "uprepare"
+        elif kind == intercept.USER_FINISH and status == b"I":
+            steps, final = [("lookup",)], "ufinish"
         elif kind == intercept.WRAP and status == b"I":
             first = "BEGIN"
             if plan.ddl:
@@ -742,7 +760,12 @@ class Session:
                 intercept.commit_check_sql(self._uses_temp)).encode()))
         elif step[0] == "prepare":
             f.gid = self.next_gid()
+            if f.final == "uprepare":
+                f.gid += USER_GID_SEP + f.plan.gid
             self.effects.append(SendServer(wire.Query(intercept.prepare_sql(f.gid)).encode()))
+        elif step[0] == "lookup":
+            self.effects.append(SendServer(wire.Query(
+                intercept.user_gid_lookup_sql(f.plan.gid)).encode()))
 
     def _flow_server(self, items: list) -> bytes | None:
         """Backend messages while a flow runs (every type inspected)."""
@@ -800,7 +823,12 @@ class Session:
         elif step[0] == "xid":
             row = f.rows[0] if f.rows else (b"f", b"f", b"f")
             wrote, used_temp, for_peers = (v == b"t" for v in row)
-            if wrote and used_temp:
+            if f.final == "uprepare":
+                if for_peers and not used_temp:
+                    f.steps = [("prepare",)]
+                else:   # nothing for the peers: PostgreSQL prepares it here
+                    f.steps, f.final = [("client",)], "relay"
+            elif wrote and used_temp:
                 # Cannot be prepared: commit it here only. The commit guard
                 # refuses it if it also wrote replicated tables.
                 if f.final in ("commit", "xcommit"):
@@ -816,9 +844,16 @@ class Session:
             else:
                 f.steps = [("own", "COMMIT")]
         elif step[0] == "prepare":
-            self.effects.append(RunCommit(f.gid))
+            self.effects.append(RunCommit(f.gid, hold=f.final == "uprepare"))
             f.step = ("outcome",)
             return
+        elif step[0] == "lookup":
+            if f.rows and f.rows[0][0]:
+                f.gid = f.rows[0][0].decode()
+                self.effects.append(RunRelease(f.gid, f.plan.commit))
+                f.step = ("outcome",)
+                return
+            f.steps, f.final = [("client",)], "relay"   # not the cluster's: PostgreSQL's
         self._flow_advance()
 
     def commit_outcome(self, committed: bool, sqlstate: str = "", message: str = "") -> None:
@@ -827,7 +862,16 @@ class Session:
         if f is None or f.step != ("outcome",) or self.phase is not Phase.READY:
             return
         self.txn_status = b"I"
-        if committed and f.final == "xcommit":
+        if f.final == "uprepare":
+            self._flow_finish(wire.CommandComplete("PREPARE TRANSACTION").encode() if committed
+                              else wire.error_response(sqlstate or "40000", message))
+        elif f.final == "ufinish":
+            if committed == f.plan.commit:
+                self._flow_finish(wire.CommandComplete(
+                    "COMMIT PREPARED" if committed else "ROLLBACK PREPARED").encode())
+            else:
+                self._flow_finish(wire.error_response(sqlstate or "40000", message))
+        elif committed and f.final == "xcommit":
             # Let PostgreSQL answer the client's own extended-protocol COMMIT
             # (ParseComplete, BindComplete, CommandComplete, in the order the
             # client asked for them); it only adds a "no transaction in

@@ -53,7 +53,9 @@ TRANSACTION_ROLLBACK = "40000"
 # the client gets 40001, as mmts reports global deadlocks and conflicts.
 CONFLICT_STATES = frozenset({"55P03", "40P01", "40001"})
 
-_GID_RE = re.compile(r"^MTM-(\d+)-(\d+)-(\d+)$")
+# A client's own PREPARE TRANSACTION 'x' is prepared as MTM-n-g-s:x.
+_GID_RE = re.compile(r"^MTM-(\d+)-(\d+)-(\d+)(?::.*)?$", re.S)
+USER_GID_SEP = ":"
 
 
 def make_gid(node_id: int, generation: int, seq: int) -> str:
@@ -135,6 +137,26 @@ class Wound:
 
 
 @dataclass(frozen=True)
+class Release:
+    """A node asks the coordinator of a held transaction (a client's own
+    PREPARE TRANSACTION) to commit or roll it back."""
+    gid: str
+    sender: int
+    commit: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The coordinator tells the node that asked for a Release how the
+    transaction ended (or why it could not be released)."""
+    gid: str
+    sender: int
+    committed: bool
+    sqlstate: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class CommitAck:
     gid: str
     sender: int
@@ -197,8 +219,8 @@ class ProtocolInvariantError(AssertionError):
 
 # --- coordinator -------------------------------------------------------------------
 
-VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE = (
-    "voting", "precommitting", "committing", "waiting_acks", "aborting", "done")
+VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE, HELD = (
+    "voting", "precommitting", "committing", "waiting_acks", "aborting", "done", "held")
 
 
 @dataclass
@@ -214,6 +236,8 @@ class _CoordTxn:
     reply: Reply | None = None
     committed_local: bool = False
     aborted_local: bool = False
+    hold: bool = False               # a client's PREPARE TRANSACTION: wait for a Release
+    requester: int | None = None     # the node whose Release decides it
 
     @property
     def peers(self) -> frozenset[int]:
@@ -233,17 +257,47 @@ class Coordinator:
     def _peers(self, t: _CoordTxn) -> frozenset[int]:
         return t.generation.members - {self.node_id}
 
-    def start(self, gid: str, now_ms: int) -> list:
-        """The local PREPARE of ``gid`` succeeded."""
+    def start(self, gid: str, now_ms: int, *, hold: bool = False) -> list:
+        """The local PREPARE of ``gid`` succeeded. With ``hold`` (a client's
+        own PREPARE TRANSACTION) the transaction stops once every member
+        has prepared it: Reply(committed=True) then means "prepared
+        everywhere", and ``release`` finishes it later."""
         assert gid not in self.txns, gid
-        t = self.txns[gid] = _CoordTxn(gid, self.generation, now_ms, last_retry_ms=now_ms)
+        t = self.txns[gid] = _CoordTxn(gid, self.generation, now_ms, last_retry_ms=now_ms,
+                                       hold=hold)
         return self._maybe_precommit(t)
+
+    def release(self, gid: str, commit: bool, requester: int, now_ms: int) -> list:
+        """Commit or roll back the held ``gid`` for ``requester`` (a node id,
+        this one included); its answer is a Reply (here) or an Outcome."""
+        t = self.txns.get(gid)
+        if t is None or t.state != HELD:
+            r = Reply(gid, False, "42704", f"prepared transaction {gid} is not held by node "
+                                           f"{self.node_id} (unknown, or being finished)")
+            return self._answer(requester, r)
+        t.hold = False
+        t.requester = requester
+        t.state = VOTING
+        t.started_ms = t.last_retry_ms = now_ms
+        if commit:
+            return self._maybe_precommit(t)
+        return self._abort(t, "", "rolled back")
+
+    def _answer(self, requester: int | None, r: Reply) -> list:
+        if requester is None or requester == self.node_id:
+            return [r]
+        return [r, Send(requester, Outcome(r.gid, self.node_id, r.committed, r.sqlstate,
+                                           r.message))]
 
     def receive(self, msg, now_ms: int) -> list:
         t = self.txns.get(msg.gid)
         if t is None:
+            if msg.__class__ is Release and (parse_gid(msg.gid) or (0,))[0] == self.node_id:
+                return self.release(msg.gid, msg.commit, msg.sender, now_ms)
             return []
         cls = msg.__class__
+        if cls is Release:
+            return self.release(msg.gid, msg.commit, msg.sender, now_ms)
         if cls is Wound:
             if t.state != VOTING or not older(msg.by_gid, msg.gid):
                 return []   # past the precommit, the outcome is commit
@@ -280,6 +334,9 @@ class Coordinator:
     def _maybe_precommit(self, t: _CoordTxn) -> list:
         if t.state != VOTING or len(t.votes) < len(self._peers(t)):
             return []
+        if t.hold:
+            t.state = HELD
+            return [Reply(t.gid, True)]     # prepared on every member
         t.state = PRECOMMITTING
         out: list = [Send(p, Precommit(t.gid, self.node_id)) for p in sorted(self._peers(t))]
         return out + [PersistOwn(t.gid)]
@@ -311,7 +368,7 @@ class Coordinator:
         assert t.state == ABORTING
         t.aborted_local = True
         t.state = DONE
-        return [t.reply]
+        return self._answer(t.requester, t.reply)
 
     def _maybe_reply(self, t: _CoordTxn) -> list:
         if t.state != WAITING_ACKS:
@@ -320,7 +377,7 @@ class Coordinator:
             return []
         t.state = DONE
         t.reply = Reply(t.gid, True)
-        return [t.reply]
+        return self._answer(t.requester, t.reply)
 
     def _abort(self, t: _CoordTxn, sqlstate: str, message: str) -> list:
         assert t.state == VOTING, "after the precommit the outcome is commit"

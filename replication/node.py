@@ -171,12 +171,43 @@ class ReplicationNode:
         self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
         return cp.make_gid(self.id, self.generation.num, self._seq)
 
-    async def commit(self, gid: str) -> cp.Reply:
-        """``gid`` is prepared locally: run the protocol, return the outcome."""
+    async def commit(self, gid: str, hold: bool = False) -> cp.Reply:
+        """``gid`` is prepared locally: run the protocol, return the outcome.
+        With ``hold`` (a client's PREPARE TRANSACTION), stop once every
+        member has prepared it; ``release`` finishes it."""
         fut = asyncio.get_running_loop().create_future()
         self.waiters[gid] = fut
-        await self.execute(self.coord.start(gid, _now_ms()))
+        await self.execute(self.coord.start(gid, _now_ms(), hold=hold))
         return await fut
+
+    async def release(self, gid: str, commit: bool) -> cp.Reply:
+        """COMMIT/ROLLBACK PREPARED of a held ``gid`` asked here: its
+        coordinator (the node that prepared it) finishes it everywhere."""
+        if gid in self.waiters:
+            return cp.Reply(gid, not commit, "55006",
+                            f"prepared transaction {gid} is already being finished")
+        owner = cp.parse_gid(gid)[0]
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[gid] = fut
+        try:
+            if owner == self.id:
+                await self.execute(self.coord.release(gid, commit, self.id, _now_ms()))
+            else:
+                w = self.out.get(owner)
+                if w is None:
+                    return cp.Reply(gid, not commit, "08006",
+                                    f"node {owner}, which prepared {gid}, is not connected")
+                w.write(link.protocol(cp.Release(gid, self.id, commit)))
+            timeout = self.cfg.timeouts.commit_vote_timeout_ms / 1000
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                return cp.Reply(gid, not commit, "08006",
+                                f"node {owner}, which prepared {gid}, did not answer within "
+                                f"{timeout:g} s; the transaction is still prepared")
+        finally:
+            if self.waiters.get(gid) is fut:
+                del self.waiters[gid]
 
     # -- carrying out the cores' actions -------------------------------------------------
 
@@ -713,6 +744,11 @@ class ReplicationNode:
                 await self._cancel_backend(pid)
 
     async def _protocol(self, msg) -> None:
+        if msg.__class__ is cp.Outcome:     # the answer to a Release we sent
+            fut = self.waiters.get(msg.gid)
+            if fut is not None and not fut.done():
+                fut.set_result(cp.Reply(msg.gid, msg.committed, msg.sqlstate, msg.message))
+            return
         try:
             await self.execute(self.coord.receive(msg, _now_ms()))
             await self.execute(self.part.receive(msg))

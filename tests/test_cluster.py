@@ -455,15 +455,55 @@ def test_make_table_local(cluster):
         assert rows(cluster, i, "SELECT id FROM loc_rep") == [(13,)]
 
 
-def test_client_two_phase_commands_are_refused(cluster):
-    with psycopg.connect(cluster.dsn(2)) as c:
-        c.execute("SELECT 1")
-        with pytest.raises(psycopg.errors.FeatureNotSupported, match="PREPARE TRANSACTION"):
-            c.execute("PREPARE TRANSACTION 'mine'")
-        c.rollback()
+def test_client_two_phase_commit_works_cluster_wide(cluster):
+    """A client's PREPARE TRANSACTION returns once every node has prepared
+    the transaction; COMMIT PREPARED / ROLLBACK PREPARED, sent to any node,
+    finish it everywhere."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE tpc (id int PRIMARY KEY, v text)")
+
+    def prepared_as(i: int, user_gid: str) -> list:
+        return [g for (g,) in psycopg.connect(cluster.direct(i).dsn()).execute(
+            "SELECT gid FROM pg_prepared_xacts") if g.endswith(":" + user_gid)]
+
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("INSERT INTO tpc VALUES (1, 'two-phase')")
+        c.execute("PREPARE TRANSACTION 'app-tx-1'")
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    for i in (1, 2, 3):                 # prepared everywhere, visible nowhere yet
+        assert len(prepared_as(i, "app-tx-1")) == 1
+        assert rows(cluster, i, "SELECT count(*) FROM tpc") == [(0,)]
+    with psycopg.connect(cluster.dsn(2), autocommit=True) as c:   # another node
+        c.execute("COMMIT PREPARED 'app-tx-1'")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT v FROM tpc") == [("two-phase",)]
+
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("INSERT INTO tpc VALUES (2, 'rolled back')")
+        c.execute("PREPARE TRANSACTION 'app-tx-2'")
+        c.execute("ROLLBACK PREPARED 'app-tx-2'")
+        # finished already: PostgreSQL's own error
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            c.execute("COMMIT PREPARED 'app-tx-2'")
+    with psycopg.connect(cluster.dsn(3)) as c:
+        # psycopg's two-phase API goes the same way
+        c.tpc_begin(c.xid(1, "app-tx-3", "psycopg"))
+        c.execute("INSERT INTO tpc VALUES (3, 'psycopg tpc')")
+        c.tpc_prepare()
+        c.tpc_commit()
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT id FROM tpc ORDER BY id") == [(1,), (3,)]
+    assert no_prepared_left(cluster)
+
     with psycopg.connect(cluster.dsn(2), autocommit=True) as c:
+        # gids of the cluster's own protocol cannot be finished by hand
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="managed by the cluster"):
             c.execute("COMMIT PREPARED 'MTM-1-1-5'")
+        # and the two-phase commands go on their own, with the simple protocol
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="on their own"):
+            c.execute("BEGIN; PREPARE TRANSACTION 'x'")
 
 
 def test_tables_without_primary_key(cluster):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from replication.commit import (AbortLocal, CommitAck, CommitLocal, Coordinator, Decision,
-                                FinishLocal, Generation, Participant, Persist, PersistOwn,
-                                Precommit,
-                                PrecommitAck, Reply, Send, Vote, VoteRequest, make_gid,
-                                parse_gid)
+                                FinishLocal, Generation, Outcome, Participant, Persist,
+                                PersistOwn, Precommit, PrecommitAck, Release, Reply, Send, Vote,
+                                VoteRequest, Wound, make_gid, parse_gid)
 from sim_commit import Sim, SimFailure
 
 GEN = Generation(1, frozenset({1, 2, 3}), frozenset({1, 2, 3}))
@@ -29,6 +28,45 @@ def test_two_members_precommits_decide_while_our_own_is_written():
     assert c.receive(PrecommitAck(GID, 3), 4) == [CommitLocal(GID)]   # 2 durable of 3
     assert c.persisted(GID, 5) == []                 # late: changes nothing
     c.check_invariants()
+
+
+def test_held_transaction_waits_for_a_release_from_any_node():
+    """A client's own PREPARE TRANSACTION: the coordinator stops once every
+    member prepared it, nothing (vote timeout, wound) aborts it meanwhile,
+    and a Release from another node commits it, answered with an Outcome."""
+    g = "MTM-1-1-9:app-tx"
+    c = Coordinator(1, GEN, vote_timeout_ms=100)
+    assert c.start(g, 0, hold=True) == []
+    c.receive(Vote(g, 2, True), 1)
+    assert c.receive(Vote(g, 3, True), 2) == [Reply(g, True)]     # prepared everywhere
+    c.forget(g)                                        # the client has its answer...
+    assert c.tick(10_000) == []                        # ...the transaction stays, held
+    assert c.receive(Wound(g, 2, "MTM-2-1-1"), 10_001) == []
+    out = c.receive(Release(g, 3, True), 10_002)       # COMMIT PREPARED sent to node 3
+    assert out == [Send(2, Precommit(g, 1)), Send(3, Precommit(g, 1)), PersistOwn(g)]
+    c.receive(PrecommitAck(g, 2), 10_003)
+    assert c.persisted(g, 10_004) == [CommitLocal(g)]
+    c.local_done(g, True, 10_005)
+    c.receive(CommitAck(g, 2), 10_006)
+    assert c.receive(CommitAck(g, 3), 10_007) == [Reply(g, True),
+                                                   Send(3, Outcome(g, 1, True))]
+    c.check_invariants()
+
+
+def test_held_transaction_rolled_back_here_and_unknown_releases():
+    g = "MTM-1-1-10:x"
+    c = Coordinator(1, GEN)
+    c.start(g, 0, hold=True)
+    c.receive(Vote(g, 2, True), 1)
+    c.receive(Vote(g, 3, True), 2)
+    assert c.release(g, False, 1, 3) == [AbortLocal(g)]
+    assert c.local_done(g, False, 4) == [Reply(g, False, "", "rolled back")]
+    # a second release, or one for a gid this node does not hold
+    [r] = c.release(g, True, 1, 5)
+    assert (r.committed, r.sqlstate) == (False, "42704")
+    out = c.receive(Release("MTM-1-1-77:y", 2, True), 6)
+    assert [type(a) for a in out] == [Reply, Send] and out[1].msg.sqlstate == "42704"
+    assert parse_gid("MTM-1-1-77:y:with:colons") == (1, 1, 77)
 
 
 def test_happy_path_in_order():

@@ -80,7 +80,10 @@ class Finished:
     """COMMIT/ROLLBACK (PREPARED) done locally."""
     gid: str | None
     committed: bool
-    applied: bool    # False when the gid was unknown here and nothing was done
+    applied: bool    # False when nothing was done now (unknown gid, or a replay)
+    # The transaction was prepared here (finished now or before a restart):
+    # this node may acknowledge its commit even with no vote in memory.
+    here: bool = False
 
 
 class ApplyError(RuntimeError):
@@ -169,7 +172,7 @@ class Applier:
         if gid is not None and prepared:
             return Prepared(gid)
         if applied:
-            return Finished(gid, True, False)
+            return Finished(gid, True, False, here=gid is not None)
         return None
 
     # -- the message loop --------------------------------------------------------
@@ -369,7 +372,7 @@ class Applier:
         except (psycopg.errors.UndefinedObject,        # not prepared here
                 psycopg.errors.FeatureNotSupported):   # prepared in another database
             return Finished(gid, commit, False)
-        return Finished(gid, commit, True)
+        return Finished(gid, commit, True, here=True)
 
     # -- row changes --------------------------------------------------------------
 

@@ -509,12 +509,30 @@ class Participant:
                 return [FinishLocal(t.gid, msg.commit)]
         return []
 
-    def finished(self, gid: str, committed: bool) -> list:
+    def recovered(self, gid: str, prepared: bool, committed: bool) -> None:
+        """What this node's database says of ``gid`` when the participant
+        has no memory of it (after a restart): still prepared here, or
+        committed here. Lets it answer a coordinator that retransmits."""
+        t = self._txn(gid)
+        if t is None or t.vote is not None or not (prepared or committed):
+            return
+        t.vote = Vote(gid, self.node_id, True)
+        if committed and t.finished is None:
+            self.finished(gid, True)
+
+    def knows(self, gid: str) -> bool:
+        t = self.txns.get(gid)
+        return t is not None and t.vote is not None
+
+    def finished(self, gid: str, committed: bool, prepared_here: bool = False) -> list:
         """COMMIT/ROLLBACK PREPARED of ``gid`` was done here (from the stream
-        or after a FinishLocal)."""
+        or after a FinishLocal). ``prepared_here``: the database showed it
+        was prepared here, whatever this participant remembers."""
         t = self._txn(gid)
         if t is None:
             return []
+        if prepared_here and t.vote is None:
+            t.vote = Vote(gid, self.node_id, True)
         if t.finished is not None and t.finished != committed:
             raise ProtocolInvariantError(f"{gid} finished both ways on node {self.node_id}")
         first = t.finished is None

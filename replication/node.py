@@ -238,13 +238,15 @@ class ReplicationNode:
                     fut.set_result(a)
 
     async def _is_local(self, namespace: str, name: str) -> bool:
+        row = await self._fetchone(
+            "SELECT EXISTS (SELECT 1 FROM mtm.local_tables WHERE rel = "
+            "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (namespace, name))
+        return bool(row[0])
+
+    async def _fetchone(self, query, params=()) -> tuple:
         conn = await self.pool.get()
         try:
-            row = await (await conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM mtm.local_tables WHERE rel = "
-                "to_regclass(format('%%I.%%I', %s::text, %s::text)))",
-                (namespace, name))).fetchone()
-            return bool(row[0])
+            return await (await conn.execute(query, params)).fetchone()
         finally:
             self.pool.put_nowait(conn)
 
@@ -744,12 +746,22 @@ class ReplicationNode:
                 await self._cancel_backend(pid)
 
     async def _protocol(self, msg) -> None:
-        if msg.__class__ is cp.Outcome:     # the answer to a Release we sent
+        cls = msg.__class__
+        if cls is cp.Outcome:     # the answer to a Release we sent
             fut = self.waiters.get(msg.gid)
             if fut is not None and not fut.done():
                 fut.set_result(cp.Reply(msg.gid, msg.committed, msg.sqlstate, msg.message))
             return
         try:
+            if cls in _ASKS_PARTICIPANT and not self.part.knows(msg.gid) \
+                    and (cp.parse_gid(msg.gid) or (self.id,))[0] != self.id:
+                # A coordinator retransmits to us, and we have no memory of
+                # the transaction (we restarted): ask the database.
+                row = await self._fetchone(
+                    "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
+                    "AND database = current_database()), "
+                    "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)", (msg.gid, msg.gid))
+                self.part.recovered(msg.gid, *row)
             await self.execute(self.coord.receive(msg, _now_ms()))
             await self.execute(self.part.receive(msg))
         except psycopg.Error as e:   # the sender retransmits; we answer then
@@ -779,7 +791,7 @@ class ReplicationNode:
                           message=r.message)
             await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))
         elif isinstance(r, Finished) and r.gid is not None:
-            await self.execute(self.part.finished(r.gid, r.committed))
+            await self.execute(self.part.finished(r.gid, r.committed, r.here))
 
 
 class _Worker:
@@ -801,6 +813,9 @@ async def _free_worker(workers: list) -> _Worker:
             if w.current is None or w.current.done():
                 return w
         await asyncio.wait([w.current for w in workers], return_when=asyncio.FIRST_COMPLETED)
+
+
+_ASKS_PARTICIPANT = (cp.VoteRequest, cp.Precommit, cp.Decision)
 
 
 def _now_ms() -> int:

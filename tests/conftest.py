@@ -90,9 +90,13 @@ level = "{os.environ.get('MMPROXY_TEST_LOG_LEVEL', 'info')}"
 file = "{self.log_file}"
 {extra}
 """)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the process with the same configuration."""
         self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--config",
                                       str(self.config)], cwd=ROOT,
-                                     stderr=open(self.dir / "stderr", "w"))
+                                     stderr=open(self.dir / "stderr", "a"))
         wait_port(self.port, 20, self.proc)
 
     @property

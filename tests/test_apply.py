@@ -166,8 +166,8 @@ def test_prepared_transactions_keep_their_gid(pair, slot):
             return await task
         results, _ = asyncio.run(run())
     assert Prepared("MTM-1-1-1") in results and Prepared("MTM-1-1-2") in results
-    assert Finished("MTM-1-1-1", True, True) in results
-    assert Finished("MTM-1-1-2", False, True) in results
+    assert Finished("MTM-1-1-1", True, True, here=True) in results
+    assert Finished("MTM-1-1-2", False, True, here=True) in results
     assert Finished("MTM-1-1-3", True, False) in results   # unknown gid: ignored
     assert dump(a) == dump(b)
 

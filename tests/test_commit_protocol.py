@@ -182,6 +182,28 @@ def test_participant_never_acks_a_commit_it_did_not_prepare():
     assert p.receive(Decision(make_gid(1, 1, 9), 1, True)) == []
 
 
+def test_participant_answers_after_a_restart_from_what_the_database_says():
+    """A restarted participant remembers no votes. A COMMIT PREPARED that
+    found the gid prepared here, or the database saying it is prepared or
+    committed here, is enough to answer the coordinator's retransmissions;
+    without either it stays silent (it cannot vouch for a transaction it
+    may never have had)."""
+    p = Participant(2, GEN)
+    assert p.finished("MTM-1-1-50", True, prepared_here=True) == [
+        Send(1, CommitAck("MTM-1-1-50", 2))]
+    assert p.receive(Decision("MTM-1-1-50", 1, True)) == [Send(1, CommitAck("MTM-1-1-50", 2))]
+    assert not p.knows("MTM-1-1-51")
+    assert p.receive(Decision("MTM-1-1-51", 1, True)) == []
+    p.recovered("MTM-1-1-51", prepared=False, committed=True)
+    assert p.receive(Decision("MTM-1-1-51", 1, True)) == [Send(1, CommitAck("MTM-1-1-51", 2))]
+    p.recovered("MTM-1-1-52", prepared=True, committed=False)
+    assert p.receive(Precommit("MTM-1-1-52", 1)) == [Persist("MTM-1-1-52"),
+                                                      Send(1, PrecommitAck("MTM-1-1-52", 2))]
+    assert p.receive(Decision("MTM-1-1-52", 1, True)) == [FinishLocal("MTM-1-1-52", True)]
+    p.recovered("MTM-1-1-53", prepared=False, committed=False)
+    assert p.receive(VoteRequest("MTM-1-1-53", 1)) == []
+
+
 def test_participant_refuses_older_generation():
     p = Participant(2, Generation(2, frozenset({1, 2, 3}), GEN.configured))
     [send] = p.applied(GID, True)

@@ -681,7 +681,8 @@ def test_a_killed_proxy_restarts_and_nothing_is_lost_or_applied_twice(cluster):
         with psycopg.connect(cluster.dsn(node), autocommit=True) as conn:
             while time.monotonic() < stop:
                 try:
-                    conn.execute("UPDATE restarts_kv SET n = n + 1 WHERE id = %s", (rnd.randint(1, 40),))
+                    conn.execute("UPDATE restarts_kv SET n = n + 1 WHERE id = %s",
+                                 (rnd.randint(1, 40),))
                     committed[slot] += 1
                 except psycopg.errors.SerializationFailure:
                     pass
@@ -696,8 +697,9 @@ def test_a_killed_proxy_restarts_and_nothing_is_lost_or_applied_twice(cluster):
     for t in threads:
         t.join(120)
     assert sum(committed) > 0
-    wait_for(lambda: all(rows(cluster, i, "SELECT sum(n) FROM restarts_kv") == [(sum(committed),)]
-                         for i in (1, 2, 3)), timeout=60, what="every node has every update")
+    wait_for(lambda: all(rows(cluster, i, "SELECT sum(n) FROM restarts_kv")
+                         == [(sum(committed),)] for i in (1, 2, 3)),
+             timeout=60, what="every node has every update")
     assert len({table_digest(cluster, i, "restarts_kv") for i in (1, 2, 3)}) == 1
     wait_for(lambda: no_prepared_left(cluster), timeout=30, what="no prepared transaction left")
 

@@ -377,13 +377,18 @@ class ReplicationNode:
         horizon: dict[int, int] = {}
         while True:
             await asyncio.sleep(APPLIED_GC_INTERVAL_S)
-            for peer, lsn in horizon.items():
-                try:
-                    await self._sql("DELETE FROM mtm.applied WHERE peer = %s AND lsn < %s",
-                                    (peer, po.lsn_str(lsn)))
-                except psycopg.Error as e:
-                    self.log.warning("applied_gc_failed", peer=peer, error=str(e))
-            horizon = dict(self.acked)
+            horizon = await self.forget_applied_round(horizon)
+
+    async def forget_applied_round(self, horizon: dict[int, int]) -> dict[int, int]:
+        """Delete each peer's mtm.applied rows below ``horizon`` (what was
+        acknowledged a round ago); return the next round's horizon."""
+        for peer, lsn in horizon.items():
+            try:
+                await self._sql("DELETE FROM mtm.applied WHERE peer = %s AND lsn < %s",
+                                (peer, po.lsn_str(lsn)))
+            except psycopg.Error as e:
+                self.log.warning("applied_gc_failed", peer=peer, error=str(e))
+        return dict(self.acked)
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""

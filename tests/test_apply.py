@@ -13,8 +13,8 @@ import pytest
 from conftest import wait_for
 from proxy.pgserver import LocalPostgres
 from replication import pgoutput as po
-from replication.apply import (Applier, ApplyError, Finished, PrepareFailed, Prepared,
-                               origin_name)
+from replication.apply import (APPLIED_TABLE_SQL, Applier, ApplyError, Finished,
+                               PrepareFailed, Prepared, origin_name)
 from replication.stream import SlotStream
 
 SCHEMA = """
@@ -274,3 +274,39 @@ def test_transaction_end_without_begin_is_refused(pair):
     asyncio.run(run())
     assert psycopg.connect(b.dsn()).execute("SELECT count(*) FROM pg_prepared_xacts").fetchone() \
         == (0,)
+
+
+def test_applied_records_are_forgotten_a_round_after_their_acknowledgement(pair, tmp_path):
+    """mtm.applied rows are read only for what a peer may resend (past its
+    slot's confirmed position, which follows our acknowledgements within a
+    second): a clean-up round deletes what was acknowledged a round before."""
+    from config import load_config
+    from replication.node import ReplicationNode
+    _, b = pair
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\nid = 1\nlisten = "127.0.0.1:1"\ninternode_listen = "127.0.0.1:2"\n'
+                   f'[postgres]\nhost = "127.0.0.1"\nport = {b.port}\n'
+                   '[[peers]]\nid = 2\nclient_address = "127.0.0.1:3"\n'
+                   'node_address = "127.0.0.1:4"\n')
+
+    async def run():
+        node = ReplicationNode(load_config(cfg))
+        conn = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+        node.pool.put_nowait(conn)
+        try:
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS mtm")
+            await conn.execute(APPLIED_TABLE_SQL)
+            await conn.execute("DELETE FROM mtm.applied WHERE peer IN (2, 3)")
+            await conn.execute("INSERT INTO mtm.applied VALUES ('a', 2, '0/10'), "
+                               "('b', 2, '0/20'), ('c', 2, '0/30'), ('d', 3, '0/5')")
+            node.acked = {2: 0x25}
+            horizon = await node.forget_applied_round({})      # nothing acknowledged before
+            assert horizon == {2: 0x25}
+            node.acked = {2: 0x40}
+            horizon = await node.forget_applied_round(horizon)
+            left = await (await conn.execute(
+                "SELECT key FROM mtm.applied WHERE peer IN (2, 3) ORDER BY key")).fetchall()
+            assert left == [("c",), ("d",)] and horizon == {2: 0x40}
+        finally:
+            await conn.close()
+    asyncio.run(run())

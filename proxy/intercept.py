@@ -248,10 +248,14 @@ _FOR_PEERS = (
     "AND NOT EXISTS (SELECT 1 FROM mtm.local_tables t WHERE t.rel = c.oid))")
 
 
-def commit_check_sql(uses_temp: bool) -> str:
+def _commit_check_sql(uses_temp: bool) -> str:
     temp = f"CASE WHEN x IS NULL THEN false ELSE {_TEMP_USED} END" if uses_temp else "false"
     return (f"SELECT x IS NOT NULL, {temp}, CASE WHEN x IS NULL THEN false ELSE {_FOR_PEERS} END "
             "FROM (SELECT pg_current_xact_id_if_assigned() AS x) s")
+
+
+# by whether the session used temporary tables (the temp check costs a scan)
+COMMIT_CHECK_SQL = {False: _commit_check_sql(False), True: _commit_check_sql(True)}
 
 
 TEMP_COMMIT_SQL = "SET LOCAL mtm.temp_commit = 'on'; COMMIT"

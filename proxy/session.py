@@ -757,7 +757,7 @@ class Session:
             self.effects.append(SendServer(f.raw))
         elif step[0] == "xid":
             self.effects.append(SendServer(wire.Query(
-                intercept.commit_check_sql(self._uses_temp)).encode()))
+                intercept.COMMIT_CHECK_SQL[self._uses_temp]).encode()))
         elif step[0] == "prepare":
             f.gid = self.next_gid()
             if f.final == "uprepare":

@@ -90,6 +90,11 @@ class ApplyError(RuntimeError):
     """A failure outside a prepared transaction: cannot be voted away."""
 
 
+# Is this gid prepared here, and is this transaction (by its mtm.applied
+# key: the gid, or for a plain commit its end LSN) committed here?
+APPLIED_STATE_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
+                     "AND database = current_database()), "
+                     "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)")
 APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
                      "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL)")
 
@@ -165,10 +170,7 @@ class Applier:
         """A transaction at or below the highest applied LSN: applied
         already (the answer to give for it), or None to apply it."""
         prepared, applied = await (await self.conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
-            "AND database = current_database()), "
-            "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)",
-            (gid or "", self._applied_key(gid, end)))).fetchone()
+            APPLIED_STATE_SQL, (gid or "", self._applied_key(gid, end)))).fetchone()
         if gid is not None and prepared:
             return Prepared(gid)
         if applied:

@@ -39,7 +39,7 @@ from proxy import log as mlog
 from . import commit as cp
 from . import link
 from . import pgoutput as po
-from .apply import Applier, ApplyError, Finished, PrepareFailed, Prepared
+from .apply import APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared
 from .cluster import PUBLICATION, slot_name
 from .stream import SlotStream, StreamError
 
@@ -243,19 +243,21 @@ class ReplicationNode:
             "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (namespace, name))
         return bool(row[0])
 
-    async def _fetchone(self, query, params=()) -> tuple:
+    async def _query(self, query, params=()) -> psycopg.AsyncCursor:
+        """Run a statement on a pool connection; the cursor's rows are
+        fetched already (client-side cursor), so the connection goes back
+        at once."""
         conn = await self.pool.get()
         try:
-            return await (await conn.execute(query, params)).fetchone()
+            return await conn.execute(query, params)
         finally:
             self.pool.put_nowait(conn)
 
+    async def _fetchone(self, query, params=()) -> tuple:
+        return await (await self._query(query, params)).fetchone()
+
     async def _sql(self, query, params=()) -> None:
-        conn = await self.pool.get()
-        try:
-            await conn.execute(query, params)
-        finally:
-            self.pool.put_nowait(conn)
+        await self._query(query, params)
 
     async def _finish_prepared(self, gid: str, commit: bool) -> None:
         verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
@@ -295,14 +297,11 @@ class ReplicationNode:
                        if now - since >= WATCH_AFTER_MS / 1000}
             if not waiting:
                 continue
-            conn = await self.pool.get()
             try:
-                blocked = await (await conn.execute(_BLOCKERS_SQL, (list(waiting),))).fetchall()
+                blocked = await (await self._query(_BLOCKERS_SQL, (list(waiting),))).fetchall()
             except psycopg.Error as e:
                 self.log.warning("watchdog_failed", error=str(e))
                 continue
-            finally:
-                self.pool.put_nowait(conn)
             if blocked:
                 self.log.debug("watchdog_blocked", waiting=waiting, blocked=blocked)
             for pid, blocker_pids, prepared in blocked:
@@ -517,6 +516,9 @@ class ReplicationNode:
         sent_data = False
         unacked = self.unacked[peer]
         async for lsn, payload in stream.raw_messages():
+            w = self.out.get(peer)
+            if w is None:
+                raise StreamError("link to peer is down")
             kind = payload[0]
             if kind in _ROW_KINDS:
                 if skipping:
@@ -526,9 +528,6 @@ class ReplicationNode:
                         continue
                 elif kind == _TRUNCATE and mtm_rels.intersection(po.decode(payload).relids):
                     continue
-                w = self.out.get(peer)
-                if w is None:
-                    raise StreamError("link to peer is down")
                 for f in held:
                     w.write(f)
                 held = []
@@ -538,9 +537,6 @@ class ReplicationNode:
                     await w.drain()
                 continue
             msg = po.decode(payload)
-            w = self.out.get(peer)
-            if w is None:
-                raise StreamError("link to peer is down")
             cls = msg.__class__
             if cls is po.Begin or cls is po.BeginPrepare:
                 held = [link.replication(lsn, payload)]
@@ -762,10 +758,7 @@ class ReplicationNode:
                     and (cp.parse_gid(msg.gid) or (self.id,))[0] != self.id:
                 # A coordinator retransmits to us, and we have no memory of
                 # the transaction (we restarted): ask the database.
-                row = await self._fetchone(
-                    "SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
-                    "AND database = current_database()), "
-                    "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)", (msg.gid, msg.gid))
+                row = await self._fetchone(APPLIED_STATE_SQL, (msg.gid, msg.gid))
                 self.part.recovered(msg.gid, *row)
             await self.execute(self.coord.receive(msg, _now_ms()))
             await self.execute(self.part.receive(msg))

@@ -23,9 +23,14 @@ Transaction Commit"):
    a later transaction that depends on this one never overtakes it); each
    acknowledges (``CommitAck``). By default the client hears COMMIT only
    when every member has committed (``wait_peer_commits``).
-- Any failed vote, a generation switch, or no votes within
+- Any failed vote, a generation switch, or a member silent for
   ``vote_timeout_ms`` before the precommit: ``AbortLocal`` (ROLLBACK
   PREPARED, which also flows to the members) and the client hears why.
+  A member still applying this coordinator's stream says so (``Working``,
+  about once a second), which restarts its clock: a transaction of a
+  million rows, or one queued behind it, is waited for as long as the
+  member keeps working on it; only a member that stops answering runs out
+  the timeout.
 - After the precommit the outcome is commit, always: the coordinator keeps
   retransmitting until it is done. (A coordinator that *crashes* after
   precommitting leaves the gid to the resolver of the recovery layer.)
@@ -102,6 +107,15 @@ class Vote:
 
 @dataclass(frozen=True)
 class VoteRequest:
+    gid: str
+    sender: int
+
+
+@dataclass(frozen=True)
+class Working:
+    """A member is still applying the stream of the node it is sent to
+    (a large transaction, or a backlog): the coordinator's votes from it
+    are on their way. ``gid`` names what it is applying (for logs)."""
     gid: str
     sender: int
 
@@ -253,6 +267,7 @@ class Coordinator:
         self.retry_ms = retry_ms
         self.wait_peer_commits = wait_peer_commits
         self.txns: dict[str, _CoordTxn] = {}
+        self.working_ms: dict[int, int] = {}    # member -> when it last said Working
 
     def _peers(self, t: _CoordTxn) -> frozenset[int]:
         return t.generation.members - {self.node_id}
@@ -290,6 +305,10 @@ class Coordinator:
                                            r.message))]
 
     def receive(self, msg, now_ms: int) -> list:
+        if msg.__class__ is Working:
+            if msg.sender in self.generation.members:
+                self.working_ms[msg.sender] = now_ms
+            return []
         t = self.txns.get(msg.gid)
         if t is None:
             if msg.__class__ is Release and (parse_gid(msg.gid) or (0,))[0] == self.node_id:
@@ -399,11 +418,15 @@ class Coordinator:
         out: list = []
         for t in self.txns.values():
             if t.state == VOTING and now_ms - t.started_ms >= self.vote_timeout_ms:
-                missing = sorted(self._peers(t) - set(t.votes))
-                out += self._abort(t, TRANSACTION_ROLLBACK,
-                                   f"transaction aborted: no answer from node(s) "
-                                   f"{', '.join(map(str, missing))} within {self.vote_timeout_ms} ms")
-                continue
+                silent = sorted(p for p in self._peers(t) - set(t.votes)
+                                if now_ms - max(t.started_ms, self.working_ms.get(p, t.started_ms))
+                                >= self.vote_timeout_ms)
+                if silent:
+                    out += self._abort(t, TRANSACTION_ROLLBACK,
+                                       f"transaction aborted: no answer from node(s) "
+                                       f"{', '.join(map(str, silent))} for "
+                                       f"{self.vote_timeout_ms} ms")
+                    continue
             if now_ms - t.last_retry_ms < self.retry_ms:
                 continue
             if t.state == VOTING:

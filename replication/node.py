@@ -49,6 +49,7 @@ _ROW_KINDS = frozenset(b"IUDTM")
 _TRUNCATE, _MESSAGE = ord("T"), ord("M")
 _RELID = struct.Struct("!I")
 WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
+WORKING_EVERY_S = 1.0    # how often a busy member tells a coordinator it is working
 APPLIED_GC_INTERVAL_S = 10
 
 # For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
@@ -109,6 +110,8 @@ class ReplicationNode:
         self.unacked: dict[int, deque] = {p: deque() for p in self.peers}
         self.inbox: dict[int, asyncio.Queue] = {
             p: asyncio.Queue(RECEIVE_QUEUE_FRAMES) for p in self.peers}
+        # peer -> its stream items not yet done here (``_dispatch``'s order)
+        self.in_flight: dict[int, deque] = {p: deque() for p in self.peers}
         self.waiters: dict[str, asyncio.Future] = {}
         self._handlers: set = set()     # protocol messages being handled
         self.pool: asyncio.Queue = asyncio.Queue()
@@ -139,6 +142,7 @@ class ReplicationNode:
         self.tasks.append(asyncio.create_task(self._publish_state()))
         self.tasks.append(asyncio.create_task(self._conflict_watchdog()))
         self.tasks.append(asyncio.create_task(self._forget_applied()))
+        self.tasks.append(asyncio.create_task(self._report_working()))
         self.log.info("replication_started", peers=sorted(self.peers),
                       generation=self.generation.num)
 
@@ -367,6 +371,30 @@ class ReplicationNode:
         # CancelRequest goes through a forked child and signals the
         # backend's process group too (two 57014s for one statement).
         await self._sql("SELECT pg_cancel_backend(%s)", (pid,))
+
+    def busy_with(self, peer: int) -> str | None:
+        """Is ``peer``'s stream being worked on here (received and not yet
+        applied, or queued)? Returns the gid being applied ("" if none is
+        known yet), or None when nothing of ``peer``'s is pending."""
+        for (p, _), (_, gid, _) in self.applying.items():
+            if p == peer:
+                return gid
+        if self.in_flight[peer] or not self.inbox[peer].empty():
+            return ""
+        return None
+
+    async def _report_working(self) -> None:
+        """Tell each peer whose stream we are still applying that we are
+        (``Working``): its coordinator then keeps waiting for our votes
+        however long a large transaction, or the backlog behind it, takes,
+        while a member that stops answering still times out."""
+        while True:
+            await asyncio.sleep(WORKING_EVERY_S)
+            for peer in self.peers:
+                gid = self.busy_with(peer)
+                w = self.out.get(peer)
+                if gid is not None and w is not None:
+                    w.write(link.protocol(cp.Working(gid, self.id)))
 
     async def _forget_applied(self) -> None:
         """mtm.applied is only read for transactions a peer may send again:
@@ -621,6 +649,7 @@ class ReplicationNode:
             finally:
                 for key in [k for k in self.applying if k[0] == peer]:
                     del self.applying[key]
+                self.in_flight[peer].clear()
                 for conn in conns:
                     await conn.close()
 
@@ -643,7 +672,8 @@ class ReplicationNode:
         recognise what they did already (``Applier._replay_answer``)."""
         inbox = self.inbox[peer]
         epoch0 = self.link_epoch[peer]
-        order: deque = deque()              # [end lsn or None, answer] in stream order
+        order = self.in_flight[peer]        # [end lsn or None, answer] in stream order
+        order.clear()
         prepares: dict[str, asyncio.Future] = {}    # gid -> answer, while being applied
         finishes: list[asyncio.Future] = []         # not yet done: later prepares wait
         target: _Worker | None = None       # receives the rest of the current transaction

@@ -65,7 +65,8 @@ class ProxyProcess:
     def __init__(self, workdir: Path, pg: LocalPostgres, extra: str = "", *,
                  pg_host: str | None = None, pg_port: int | None = None,
                  grace_ms: int = 5000, startup_timeout_ms: int = 60000,
-                 node_id: int = 1, port: int | None = None, internode: str = ""):
+                 node_id: int = 1, port: int | None = None, internode: str = "",
+                 timeouts: str = ""):
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="proxy-", dir=workdir))
         self.log_file = self.dir / "proxy.log"
@@ -84,6 +85,7 @@ connect_timeout_ms = 2000
 [timeouts]
 shutdown_grace_ms = {grace_ms}
 client_startup_timeout_ms = {startup_timeout_ms}
+{timeouts}
 
 [log]
 level = "{os.environ.get('MMPROXY_TEST_LOG_LEVEL', 'info')}"
@@ -176,7 +178,8 @@ class Cluster:
     """N PostgreSQL servers, each initialized for the cluster and fronted by
     its own mmproxy process, all on loopback."""
 
-    def __init__(self, workdir: Path, n: int = 3, name: str = "cluster", fsync: bool = False):
+    def __init__(self, workdir: Path, n: int = 3, name: str = "cluster", fsync: bool = False,
+                 timeouts: str = ""):
         import asyncio
 
         from config import load_config
@@ -201,7 +204,7 @@ class Cluster:
             problems = asyncio.run(init_local_node(load_config(cfg_file)))
             assert not problems, problems
             self.proxies.append(ProxyProcess(workdir, pg, peers, node_id=i, port=ports[i - 1],
-                                             internode=internode))
+                                             internode=internode, timeouts=timeouts))
         for p in self.proxies:
             wait_for(lambda p=p: any(e["event"] == "cluster_mode_on" for e in p.events()),
                      timeout=30, what="cluster mode")

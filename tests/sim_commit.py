@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replication.commit import (AbortLocal, CommitLocal, Coordinator, FinishLocal,  # noqa: E402
                                 Generation, Participant, Persist, PersistOwn, Reply, Send,
-                                make_gid)
+                                Working, make_gid)
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Sim:
             choices += ["deliver"] * 3
         lagging = self.lagging()
         if lagging:
-            choices += ["stream"] * 3
+            choices += ["stream"] * 3 + ["working"]
         if self.writes:
             choices += ["write"] * 2
         choices.append("tick")
@@ -159,6 +159,11 @@ class Sim:
         elif what == "stream":
             n, o = self.rng.choice(lagging)
             self.stream_step(n, o)
+        elif what == "working":
+            # a member behind on a coordinator's stream says it is busy
+            # (lost, duplicated and reordered like every message)
+            n, o = self.rng.choice(lagging)
+            self.net.append((o, Working(self.nodes[o].wal[n.cursors[o]][1], n.id)))
         elif what == "write":
             node_id, gid = self.writes.pop(self.rng.randrange(len(self.writes)))
             node = self.nodes[node_id]

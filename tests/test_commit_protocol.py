@@ -7,7 +7,7 @@ import pytest
 from replication.commit import (AbortLocal, CommitAck, CommitLocal, Coordinator, Decision,
                                 FinishLocal, Generation, Outcome, Participant, Persist,
                                 PersistOwn, Precommit, PrecommitAck, Release, Reply, Send, Vote,
-                                VoteRequest, Wound, make_gid, parse_gid)
+                                VoteRequest, Working, Wound, make_gid, parse_gid)
 from sim_commit import Sim, SimFailure
 
 GEN = Generation(1, frozenset({1, 2, 3}), frozenset({1, 2, 3}))
@@ -122,7 +122,32 @@ def test_vote_timeout_and_retransmission():
     assert c.tick(120) == [Send(3, VoteRequest(GID, 1))]   # only the missing vote
     assert c.tick(1000) == [AbortLocal(GID)]
     [reply] = c.local_done(GID, False, 1001)
-    assert reply.sqlstate == "40000" and "no answer from node(s) 3" in reply.message
+    assert reply.sqlstate == "40000" and "no answer from node(s) 3 for 1000 ms" in reply.message
+
+
+def test_a_working_member_is_waited_for_and_a_silent_one_is_not():
+    """``Working`` from a member restarts its clock: the transaction outlives
+    the timeout while the member keeps saying it, and aborts one timeout
+    after it stops; a member that never said it is named as the silent one."""
+    c = Coordinator(1, GEN, vote_timeout_ms=1000, retry_ms=100)
+    c.start(GID, 0)
+    c.receive(Vote(GID, 3, True), 10)
+    for t in (900, 1800, 2700):
+        assert c.receive(Working(GID, 2), t) == []
+        assert AbortLocal(GID) not in c.tick(t + 150)
+    assert AbortLocal(GID) not in c.tick(3699)
+    assert c.tick(3700) == [AbortLocal(GID)]
+    [reply] = c.local_done(GID, False, 3701)
+    assert "no answer from node(s) 2 for 1000 ms" in reply.message
+
+    other = make_gid(1, 1, 8)
+    c.start(other, 5000)
+    c.receive(Working("", 2), 5900)       # node 2 works; node 3 says nothing
+    assert c.tick(6000) == [AbortLocal(other)]
+    [reply] = c.local_done(other, False, 6001)
+    assert "no answer from node(s) 3 for" in reply.message
+    # a non-member's Working is ignored
+    assert c.receive(Working("", 9), 6002) == [] and 9 not in c.working_ms
 
 
 def test_generation_switch_aborts_only_unprecommitted():

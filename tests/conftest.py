@@ -198,13 +198,15 @@ class Cluster:
             internode = f'internode_listen = "127.0.0.1:{links[i - 1]}"'
             pg = self.pgs[i - 1]
             cfg_text = f"""[node]\nid = {i}\nlisten = "127.0.0.1:{ports[i - 1]}"\n{internode}
-[postgres]\nhost = "127.0.0.1"\nport = {pg.port}\n{peers}"""
+[postgres]\nhost = "{pg.sockdir}"\nport = {pg.port}\n{peers}"""
             cfg_file = pg.base / "init.toml"
             cfg_file.write_text(cfg_text)
             problems = asyncio.run(init_local_node(load_config(cfg_file)))
             assert not problems, problems
+            # Over the server's unix socket, as the demo and deploy/ do.
             self.proxies.append(ProxyProcess(workdir, pg, peers, node_id=i, port=ports[i - 1],
-                                             internode=internode, timeouts=timeouts))
+                                             internode=internode, timeouts=timeouts,
+                                             pg_host=str(pg.sockdir)))
         for p in self.proxies:
             wait_for(lambda p=p: any(e["event"] == "cluster_mode_on" for e in p.events()),
                      timeout=30, what="cluster mode")

@@ -23,6 +23,7 @@ CREATE TABLE full_t (a int, b text);
 ALTER TABLE full_t REPLICA IDENTITY FULL;
 CREATE TABLE kinds (id int PRIMARY KEY, j jsonb, arr int[], ts timestamptz, n numeric,
                     by bytea, f float8, u uuid);
+CREATE TABLE "We""ird" ("Key" text PRIMARY KEY, "v al" text);
 """
 
 
@@ -100,7 +101,7 @@ def dump(s: LocalPostgres) -> list:
     with psycopg.connect(s.dsn()) as c:
         # rows in PostgreSQL's own text form (NaN == NaN there)
         return [c.execute(f"SELECT t::text FROM {t} t ORDER BY 1").fetchall()
-                for t in ("acc", "full_t", "kinds")]
+                for t in ("acc", "full_t", "kinds", '"We""ird"')]
 
 
 def test_stream_applies_identically(pair, slot):
@@ -116,6 +117,11 @@ DELETE FROM full_t WHERE a = 1 AND ctid = (SELECT min(ctid) FROM full_t WHERE a 
 INSERT INTO kinds VALUES (1, '{"k": [1, {"x": null}]}', '{1,NULL,3}', '2024-01-01 10:00+03',
     1.500, '\\x00ff', 'NaN', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11');
 INSERT INTO kinds (id, n) VALUES (2, -0.0000001);
+INSERT INTO "We""ird" VALUES ('it''s', 'back\\slash \\x41'), (E'tab\tand ''quotes''', NULL),
+    ('ünï ✓', E'new\nline'), ('plain', 'x');
+UPDATE "We""ird" SET "v al" = 'a''b\\' WHERE "Key" = 'it''s';
+DELETE FROM "We""ird" WHERE "Key" = E'tab\tand ''quotes''';
+UPDATE "We""ird" SET "Key" = 'ke''y' WHERE "Key" = 'plain';
 """)
     # psql -c runs the whole string as one implicit transaction
     results, applied = asyncio.run(pump(a, b, until_commits=1))

@@ -1,0 +1,73 @@
+"""``intercept.classify``: what the proxy does with a client's Query in a
+cluster, including through its cache of statement shapes."""
+from __future__ import annotations
+
+import pglast
+import pytest
+
+from proxy import intercept
+from proxy.intercept import COMMIT, PASS, REFUSE, USER_FINISH, USER_PREPARE, WRAP, classify
+
+CASES = [
+    ("COMMIT", COMMIT, {}),
+    ("end work;", COMMIT, {}),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 7", PASS, {}),
+    ("SELECT * FROM t WHERE a IN (1, 2, 3)", PASS, {}),
+    ("SELECT f(1)", WRAP, {}),                       # a function may write
+    ("SELECT (SELECT 1)", WRAP, {}),
+    ("SELECT * FROM t FOR UPDATE", WRAP, {}),
+    ("SELECT 1 INTO t", WRAP, {"ddl": True, "makes_rows": True}),
+    ("SELECT 1 INTO TEMP t", WRAP, {"temp": True}),
+    ("SELECT mtm.make_table_local('t')", WRAP, {"ddl": True}),
+    ("UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7", WRAP, {}),
+    ("INSERT INTO t VALUES (1, 'x')", WRAP, {}),
+    ("DELETE FROM t WHERE id = 3", WRAP, {}),
+    ("CREATE TABLE t (id int)", WRAP, {"ddl": True}),
+    ("CREATE TEMP TABLE t (id int)", WRAP, {"temp": True}),
+    ("DROP TABLE t", WRAP, {"ddl": True, "drop": True}),
+    ("EXPLAIN SELECT 1", PASS, {}),
+    ("EXPLAIN (ANALYZE) DELETE FROM t", WRAP, {}),
+    ("SET search_path = a, b", PASS, {}),
+    ("VACUUM t", PASS, {}),
+    ("BEGIN", PASS, {}),
+    ("ROLLBACK AND CHAIN", REFUSE, {}),
+    ("CREATE INDEX CONCURRENTLY i ON t (a)", REFUSE, {}),
+    ("PREPARE TRANSACTION 'a'", USER_PREPARE, {"gid": "a"}),
+    ("COMMIT PREPARED 'b'", USER_FINISH, {"gid": "b", "commit": True}),
+    ("ROLLBACK PREPARED 'MTM-1-1-5'", REFUSE, {}),
+    ("SELEC 1", PASS, {}),                           # PostgreSQL reports the error
+]
+
+
+@pytest.mark.parametrize("sql,kind,fields", CASES, ids=[c[0] for c in CASES])
+def test_plans(sql, kind, fields):
+    for _ in range(2):          # the second time through the shape cache, if cached
+        plan = classify(sql)
+        assert plan.kind == kind, plan
+        for k, v in fields.items():
+            assert getattr(plan, k) == v, (k, plan)
+
+
+# Statements with one fingerprint (constants differ) but a plan that must
+# follow the constant: these are never answered from the cache.
+SAME_SHAPE = [
+    ("PREPARE TRANSACTION 'a'", "PREPARE TRANSACTION 'b'"),
+    ("CREATE TABLE t AS SELECT 1", "CREATE TABLE t AS SELECT 2"),
+    ("ROLLBACK", "ROLLBACK AND CHAIN"),
+    ("SELECT * FROM t", "SELECT * FROM pg_temp.t"),
+    ("UPDATE t SET a = 1", "UPDATE t SET a = 2"),
+]
+
+
+@pytest.mark.parametrize("a,b", SAME_SHAPE)
+def test_the_shape_cache_gives_what_a_fresh_parse_gives(a, b):
+    intercept._SHAPES.clear()
+    classify(a)                       # may fill the cache for the shape
+    assert classify(b) == intercept._classify(b, pglast.parse_sql(b))
+
+
+def test_the_shape_cache_is_bounded():
+    intercept._SHAPES.clear()
+    for i in range(intercept._SHAPES_MAX + 10):
+        classify(f"SELECT c{i} FROM t")
+    assert 0 < len(intercept._SHAPES) <= intercept._SHAPES_MAX

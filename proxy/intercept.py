@@ -54,6 +54,9 @@ class Plan:
     sql: str = ""            # the statement text, kept for DDL capture
     temp: bool = False       # creates a temporary object: local, committed plainly
     drop: bool = False       # one DROP: shipped unless it dropped only temporary objects
+    # one statement on a table named without a schema (or in pg_temp), which
+    # may be a temporary table: shipped unless it touched only temporary objects
+    staged: bool = False
     gid: str = ""            # USER_PREPARE / USER_FINISH: the client's gid
     commit: bool = False     # USER_FINISH: COMMIT (else ROLLBACK) PREPARED
 
@@ -109,6 +112,25 @@ def _is_temp_ddl(s) -> bool:
     elif isinstance(s, ast.ViewStmt):
         rel = s.view
     return rel is not None and rel.relpersistence == "t"
+
+
+# DDL on one table that PostgreSQL reports to ddl_command_end event triggers
+# with the objects it made or changed (and the field naming the table).
+_ON_TABLE = {ast.IndexStmt: "relation", ast.AlterTableStmt: "relation",
+             ast.CreateTrigStmt: "relation", ast.RuleStmt: "relation",
+             ast.CreatePolicyStmt: "table", ast.AlterPolicyStmt: "table",
+             # a view over a temporary table is made temporary by PostgreSQL
+             ast.ViewStmt: "view"}
+
+
+def _maybe_on_temp(s) -> bool:
+    """Is ``s`` DDL on a table that may be temporary (its name has no
+    schema, or the schema pg_temp)? Only the server knows: such DDL is
+    staged, and the ddl_command_end event trigger (mtm.on_ddl_end) ships
+    it unless every object it touched is temporary."""
+    field = _ON_TABLE.get(type(s))
+    rel = getattr(s, field, None) if field else None
+    return rel is not None and rel.schemaname in (None, "pg_temp")
 
 
 def _calls_make_table_local(s) -> bool:
@@ -230,7 +252,9 @@ def _classify(sql: str, stmts) -> Plan:
             return Plan(REFUSE, reason="this statement cannot run in the same query string as "
                                        "statements that change data; send it on its own")
         drop = len(stmts) == 1 and isinstance(stmts[0].stmt, ast.DropStmt)
-        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop)
+        staged = len(stmts) == 1 and ddl and not makes_rows and _maybe_on_temp(stmts[0].stmt)
+        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop,
+                    staged=staged)
     return Plan(PASS)
 
 
@@ -239,17 +263,21 @@ def quote_literal(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def capture_sql(query: str, makes_rows: bool, drop: bool = False) -> str:
+def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False) -> str:
     """Run before a DDL Query, in its transaction: lets the DDL guard pass
     and ships the statement as text with the session context it needs.
     A DROP is only staged: the sql_drop event trigger (mtm.on_sql_drop)
     ships it unless everything it dropped was temporary, which exists on
-    this node only."""
+    this node only. So is DDL on a table that may be temporary (``staged``):
+    the ddl_command_end event trigger (mtm.on_ddl_end) ships it, after the
+    statement ran, unless every object it made or changed is temporary."""
     ddl = (f"json_build_object('sql', {quote_literal(query)}, "
            "'search_path', current_setting('search_path'), 'role', current_user, "
            f"'makes_rows', {'true' if makes_rows else 'false'})::text")
     if drop:
         return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_drop', {ddl}, true)"
+    if staged:
+        return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_ddl', {ddl}, true)"
     return ("SET LOCAL mtm.capture = 'on'; SET LOCAL mtm.ddl_shipped = 'on'; "
             f"SELECT pg_logical_emit_message(true, 'mtm_ddl', {ddl})")
 
@@ -265,8 +293,9 @@ DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
 # (node-local by design), commits here without the protocol.
 _TEMP_USED = ("EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
               "WHERE l.pid = pg_backend_pid() AND c.relpersistence = 't')")
+_DDL_SHIPPED = "coalesce(current_setting('mtm.ddl_shipped', true), '') = 'on'"
 _FOR_PEERS = (
-    "coalesce(current_setting('mtm.ddl_shipped', true), '') = 'on' OR EXISTS ("
+    _DDL_SHIPPED + " OR EXISTS ("
     "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
     "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' "
     "AND l.mode NOT IN ('AccessShareLock', 'RowShareLock') "
@@ -277,8 +306,8 @@ _FOR_PEERS = (
 
 def _commit_check_sql(uses_temp: bool) -> str:
     temp = f"CASE WHEN x IS NULL THEN false ELSE {_TEMP_USED} END" if uses_temp else "false"
-    return (f"SELECT x IS NOT NULL, {temp}, CASE WHEN x IS NULL THEN false ELSE {_FOR_PEERS} END "
-            "FROM (SELECT pg_current_xact_id_if_assigned() AS x) s")
+    return (f"SELECT x IS NOT NULL, {temp}, CASE WHEN x IS NULL THEN false ELSE {_FOR_PEERS} END, "
+            f"{_DDL_SHIPPED} FROM (SELECT pg_current_xact_id_if_assigned() AS x) s")
 
 
 # by whether the session used temporary tables (the temp check costs a scan)

@@ -712,7 +712,7 @@ class Session:
             # the Parse message; ship it as the DDL guard's refusal would
             # otherwise stop it.
             sql = plan.sql
-        return intercept.capture_sql(sql, plan.makes_rows, plan.drop)
+        return intercept.capture_sql(sql, plan.makes_rows, plan.drop, plan.staged)
 
     def _hold_from(self, m: Message | None, rest: list) -> None:
         parts = [m.raw] if m is not None else []
@@ -821,13 +821,22 @@ class Session:
             else:
                 f.steps = []
         elif step[0] == "xid":
-            row = f.rows[0] if f.rows else (b"f", b"f", b"f")
-            wrote, used_temp, for_peers = (v == b"t" for v in row)
+            row = f.rows[0] if f.rows else (b"f", b"f", b"f", b"f")
+            wrote, used_temp, for_peers, ddl_shipped = (v == b"t" for v in row)
             if f.final == "uprepare":
                 if for_peers and not used_temp:
                     f.steps = [("prepare",)]
                 else:   # nothing for the peers: PostgreSQL prepares it here
                     f.steps, f.final = [("client",)], "relay"
+            elif wrote and used_temp and ddl_shipped:
+                # Cannot be prepared, and committed here only its DDL would
+                # reach the peers outside the protocol: refused.
+                f.pending_error = wire.error_response(
+                    FEATURE_NOT_SUPPORTED,
+                    "a transaction that used temporary tables cannot also change the schema "
+                    "of replicated objects; it was rolled back",
+                    hint="Run the DDL in a transaction of its own.")
+                f.steps, f.final = [("own", "ROLLBACK")], "refused"
             elif wrote and used_temp:
                 # Cannot be prepared: commit it here only. The commit guard
                 # refuses it if it also wrote replicated tables.

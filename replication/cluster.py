@@ -262,6 +262,41 @@ BEGIN
 END $f$;
 """
 
+# DDL on a table that may be temporary is staged by the proxy (see
+# intercept.capture_sql) and shipped from here, after the statement ran,
+# unless every object it made or changed is temporary - in the session's
+# temporary schema, or belonging to a temporary table (a trigger, rule or
+# policy on one). ENABLE ALWAYS, as is the sql_drop one: a staged
+# statement is never left unshipped.
+ON_DDL_END_SQL = r"""
+CREATE OR REPLACE FUNCTION mtm.on_ddl_end() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE
+  pending text := coalesce(current_setting('mtm.pending_ddl', true), '');
+  n_temp int;
+  n_all int;
+BEGIN
+  IF pending = '' THEN
+    RETURN;
+  END IF;
+  PERFORM set_config('mtm.pending_ddl', '', true);
+  SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (
+           SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
+           WHERE d.classid = x.classid AND d.objid = x.objid
+             AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),
+         count(*)
+    INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;
+  IF n_all > 0 AND n_temp = n_all THEN
+    RETURN;     -- only temporary objects: they exist on this node only
+  END IF;
+  IF n_temp > 0 THEN
+    RAISE EXCEPTION 'mmproxy: % changed temporary and permanent objects together; it cannot be replicated', tg_tag
+      USING ERRCODE = '0A000';
+  END IF;
+  PERFORM pg_logical_emit_message(true, 'mtm_ddl', pending);
+  PERFORM set_config('mtm.ddl_shipped', 'on', true);
+END $f$;
+"""
+
 EVENT_TRIGGERS_SQL = r"""
 DO $d$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_create_table') THEN
@@ -279,6 +314,11 @@ DO $d$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_sql_drop') THEN
     CREATE EVENT TRIGGER mtm_on_sql_drop ON sql_drop EXECUTE FUNCTION mtm.on_sql_drop();
   END IF;
+  ALTER EVENT TRIGGER mtm_on_sql_drop ENABLE ALWAYS;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_ddl_end') THEN
+    CREATE EVENT TRIGGER mtm_on_ddl_end ON ddl_command_end EXECUTE FUNCTION mtm.on_ddl_end();
+  END IF;
+  ALTER EVENT TRIGGER mtm_on_ddl_end ENABLE ALWAYS;
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_ddl_guard') THEN
     CREATE EVENT TRIGGER mtm_ddl_guard ON ddl_command_start EXECUTE FUNCTION mtm.ddl_guard();
   END IF;
@@ -310,6 +350,7 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
         await c.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(
             sql.Identifier(PUBLICATION)))
     await c.execute(ON_SQL_DROP_SQL)
+    await c.execute(ON_DDL_END_SQL)
     await c.execute(EVENT_TRIGGERS_SQL)
     await c.execute("SELECT mtm.alter_sequences()")
     await c.execute("RESET mtm.capture")

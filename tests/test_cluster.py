@@ -389,12 +389,40 @@ def test_temp_tables_as_scratch_space(cluster):
                 c.execute("INSERT INTO scratch VALUES (99, 'x')")
                 c.execute("INSERT INTO perm VALUES (2, 'mixed')")
         assert c.execute("SELECT count(*) FROM scratch WHERE id = 99").fetchone() == (0,)
+        # DDL on a temporary table stays here; the same DDL on a permanent
+        # table named the same way (no schema) is shipped
+        c.execute("CREATE INDEX scratch_v ON scratch (v)")
+        c.execute("ALTER TABLE scratch ADD COLUMN extra int")
+        c.execute("CREATE FUNCTION scratch_trg() RETURNS trigger LANGUAGE plpgsql "
+                  "AS $$ BEGIN RETURN NEW; END $$")
+        c.execute("CREATE TRIGGER scratch_t BEFORE INSERT ON scratch FOR EACH ROW "
+                  "EXECUTE FUNCTION scratch_trg()")
+        with c.transaction():
+            c.execute("CREATE INDEX ON pg_temp.scratch (extra)")
+            c.execute("INSERT INTO scratch (id, v, extra) VALUES (6, 'six', 6)")
+        c.execute("CREATE INDEX perm_v ON perm (v)")
+        c.execute("ALTER TABLE perm ADD COLUMN note text")
+        assert c.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'scratch'"
+                         ).fetchone() == (2,)
+        # a view over a temporary table is temporary: it stays here too
+        c.execute("CREATE VIEW scratch_view AS SELECT id FROM scratch")
+        assert c.execute("SELECT count(*) FROM scratch_view").fetchone() == (6,)
+        # DDL for the peers in a transaction that used temporary tables can
+        # be neither prepared nor committed here only: refused, rolled back
+        for ddl in ("CREATE TABLE from_scratch AS SELECT * FROM scratch",
+                    "CREATE TABLE perm_side (id int PRIMARY KEY)"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported,
+                               match="used temporary tables cannot also change the schema"):
+                with c.transaction():
+                    c.execute("INSERT INTO scratch (id) VALUES (7)")
+                    c.execute(ddl)
+        assert c.execute("SELECT count(*) FROM scratch WHERE id = 7").fetchone() == (0,)
         c.execute("CREATE TEMP TABLE scratch2 AS SELECT * FROM perm")
         assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (1,)
         # dropping temporary objects stays on this node (nothing to ship)...
         c.execute("DROP TABLE scratch2")
         with c.transaction():
-            c.execute("DROP TABLE scratch")
+            c.execute("DROP TABLE scratch CASCADE")
         # ...a DROP of permanent ones is shipped, and mixing both is refused
         c.execute("CREATE TABLE perm_gone (id int PRIMARY KEY)")
         c.execute("CREATE TEMP TABLE scratch3 (id int)")
@@ -404,11 +432,13 @@ def test_temp_tables_as_scratch_space(cluster):
         c.execute("DROP TABLE perm_gone")
         c.execute("DROP TABLE IF EXISTS perm_never_was")
     for i in (1, 2, 3):
-        assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept")]
+        assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept", None)]
+        assert rows(cluster, i, "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%scratch%'"
+                                " OR tablename = 'perm' ORDER BY 1") == [("perm_pkey",), ("perm_v",)]
         assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'perm_gone'") \
             == [(0,)]
-        assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'") \
-            == [(0,)]
+        assert rows(cluster, i, "SELECT count(*) FROM pg_class WHERE relname IN ('scratch', "
+                                "'scratch_view', 'from_scratch', 'perm_side')") == [(0,)]
 
 
 def test_make_table_local(cluster):

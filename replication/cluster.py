@@ -237,65 +237,59 @@ BEGIN
 END $f$;
 """
 
-ON_SQL_DROP_SQL = r"""
-CREATE OR REPLACE FUNCTION mtm.on_sql_drop() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+def _ship_staged_sql(func: str, setting: str, counts: str, refusal: str) -> str:
+    """An event trigger function that ships the DDL the proxy staged in
+    ``setting`` (see intercept.capture_sql) unless every object it touched
+    - ``counts`` sets n_temp and n_all - is temporary, and so exists on
+    this node only; touching both kinds at once is refused."""
+    return f"""
+CREATE OR REPLACE FUNCTION mtm.{func}() RETURNS event_trigger LANGUAGE plpgsql AS $f$
 DECLARE
-  pending text := coalesce(current_setting('mtm.pending_drop', true), '');
+  pending text := coalesce(current_setting('mtm.{setting}', true), '');
   n_temp int;
   n_all int;
 BEGIN
   IF pending = '' THEN
     RETURN;
   END IF;
-  PERFORM set_config('mtm.pending_drop', '', true);
-  SELECT count(*) FILTER (WHERE is_temporary), count(*) INTO n_temp, n_all
-    FROM pg_event_trigger_dropped_objects() WHERE original;
-  IF n_temp = n_all THEN
+  PERFORM set_config('mtm.{setting}', '', true);
+  {counts}
+  IF n_all > 0 AND n_temp = n_all THEN
     RETURN;     -- only temporary objects: they exist on this node only
   END IF;
   IF n_temp > 0 THEN
-    RAISE EXCEPTION 'mmproxy: a DROP of temporary and permanent objects together cannot be replicated'
-      USING ERRCODE = '0A000', HINT = 'Drop the temporary objects in a statement of their own.';
+    RAISE EXCEPTION {refusal};
   END IF;
   PERFORM pg_logical_emit_message(true, 'mtm_ddl', pending);
   PERFORM set_config('mtm.ddl_shipped', 'on', true);
 END $f$;
 """
 
-# DDL on a table that may be temporary is staged by the proxy (see
-# intercept.capture_sql) and shipped from here, after the statement ran,
-# unless every object it made or changed is temporary - in the session's
-# temporary schema, or belonging to a temporary table (a trigger, rule or
-# policy on one). ENABLE ALWAYS, as is the sql_drop one: a staged
-# statement is never left unshipped.
-ON_DDL_END_SQL = r"""
-CREATE OR REPLACE FUNCTION mtm.on_ddl_end() RETURNS event_trigger LANGUAGE plpgsql AS $f$
-DECLARE
-  pending text := coalesce(current_setting('mtm.pending_ddl', true), '');
-  n_temp int;
-  n_all int;
-BEGIN
-  IF pending = '' THEN
-    RETURN;
-  END IF;
-  PERFORM set_config('mtm.pending_ddl', '', true);
-  SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (
-           SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
-           WHERE d.classid = x.classid AND d.objid = x.objid
-             AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),
-         count(*)
-    INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;
-  IF n_all > 0 AND n_temp = n_all THEN
-    RETURN;     -- only temporary objects: they exist on this node only
-  END IF;
-  IF n_temp > 0 THEN
-    RAISE EXCEPTION 'mmproxy: % changed temporary and permanent objects together; it cannot be replicated', tg_tag
-      USING ERRCODE = '0A000';
-  END IF;
-  PERFORM pg_logical_emit_message(true, 'mtm_ddl', pending);
-  PERFORM set_config('mtm.ddl_shipped', 'on', true);
-END $f$;
-"""
+
+# A DROP is staged by the proxy and shipped from the sql_drop event.
+ON_SQL_DROP_SQL = _ship_staged_sql(
+    "on_sql_drop", "pending_drop",
+    "SELECT count(*) FILTER (WHERE is_temporary), count(*) INTO n_temp, n_all\n"
+    "    FROM pg_event_trigger_dropped_objects() WHERE original;",
+    "'mmproxy: a DROP of temporary and permanent objects together cannot be replicated'\n"
+    "      USING ERRCODE = '0A000', HINT = 'Drop the temporary objects in a statement of "
+    "their own.'")
+
+# So is DDL on a table that may be temporary, from ddl_command_end, after
+# the statement ran: temporary are the objects in the session's temporary
+# schema, and those belonging to a temporary table (a trigger, rule or
+# policy on one). Both triggers are ENABLE ALWAYS: a staged statement is
+# never left unshipped.
+ON_DDL_END_SQL = _ship_staged_sql(
+    "on_ddl_end", "pending_ddl",
+    "SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (\n"
+    "           SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
+    "           WHERE d.classid = x.classid AND d.objid = x.objid\n"
+    "             AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),\n"
+    "         count(*)\n"
+    "    INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;",
+    "'mmproxy: % changed temporary and permanent objects together; it cannot be "
+    "replicated', tg_tag\n      USING ERRCODE = '0A000'")
 
 EVENT_TRIGGERS_SQL = r"""
 DO $d$ BEGIN

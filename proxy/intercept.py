@@ -90,6 +90,20 @@ def _has_function_call(node) -> bool:
     return False
 
 
+def _writes_rows(s) -> bool:
+    """May ``s`` write rows (as opposed to DDL)?"""
+    if isinstance(s, _DML_TYPES):
+        return True
+    if isinstance(s, ast.CopyStmt):
+        return bool(s.is_from)
+    if isinstance(s, ast.ExplainStmt):
+        return any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
+    if isinstance(s, ast.SelectStmt):
+        return (s.intoClause is None and not _calls_make_table_local(s)
+                and _has_function_call(s))
+    return False
+
+
 def _walk(node):
     stack = [node]
     while stack:
@@ -242,6 +256,11 @@ def _classify(sql: str, stmts) -> Plan:
                 makes_rows = True
             kinds.append(WRAP)
     if WRAP in kinds:
+        if ddl and len(stmts) > 1 and any(_writes_rows(r.stmt) for r in stmts):
+            # The DDL is shipped as the string's text and replayed whole on
+            # the peers, which would run the data changes twice.
+            return Plan(REFUSE, reason="a query string that changes both the schema and data "
+                                       "cannot be replicated; send the DDL in a query of its own")
         if ddl:
             sql_text = sql
         else:

@@ -36,6 +36,14 @@ CASES = [
     ("COMMIT PREPARED 'b'", USER_FINISH, {"gid": "b", "commit": True}),
     ("ROLLBACK PREPARED 'MTM-1-1-5'", REFUSE, {}),
     ("SELEC 1", PASS, {}),                           # PostgreSQL reports the error
+    # DDL is shipped as the string's text: several DDL statements are fine,
+    # DDL with statements that write rows would write them twice on peers
+    ("CREATE TABLE a (id int); CREATE INDEX ON a (id)", WRAP, {"ddl": True}),
+    ("CREATE TABLE a (id int); SELECT 1", WRAP, {"ddl": True}),
+    ("CREATE TABLE a (id int); INSERT INTO a VALUES (1)", REFUSE, {}),
+    ("INSERT INTO b VALUES (1); ALTER TABLE b ADD c int", REFUSE, {}),
+    ("CREATE TABLE a (id int); SELECT f()", REFUSE, {}),
+    ("CREATE TABLE a (id int); DO $$BEGIN END$$", REFUSE, {}),
 ]
 
 

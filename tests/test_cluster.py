@@ -111,7 +111,8 @@ def test_refused_statements(cluster):
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="both the schema and data"):
             c.execute("CREATE TABLE ref_mixed (id int PRIMARY KEY); "
                       "INSERT INTO ref_mixed VALUES (1)")
-        c.execute("CREATE TABLE ref_two (id int PRIMARY KEY); CREATE INDEX ref_two_i ON ref_two (id)")
+        c.execute("CREATE TABLE ref_two (id int PRIMARY KEY); "
+                  "CREATE INDEX ref_two_i ON ref_two (id)")
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT to_regclass('ref_mixed') IS NULL, "
                                 "to_regclass('ref_two_i') IS NOT NULL") == [(True, True)]
@@ -442,8 +443,9 @@ def test_temp_tables_as_scratch_space(cluster):
         c.execute("DROP TABLE IF EXISTS perm_never_was")
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept", None)]
-        assert rows(cluster, i, "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%scratch%'"
-                                " OR tablename = 'perm' ORDER BY 1") == [("perm_pkey",), ("perm_v",)]
+        assert rows(cluster, i, "SELECT indexname FROM pg_indexes WHERE indexname LIKE "
+                                "'%scratch%' OR tablename = 'perm' ORDER BY 1") \
+            == [("perm_pkey",), ("perm_v",)]
         assert rows(cluster, i, "SELECT count(*) FROM pg_tables WHERE tablename = 'perm_gone'") \
             == [(0,)]
         assert rows(cluster, i, "SELECT count(*) FROM pg_class WHERE relname IN ('scratch', "

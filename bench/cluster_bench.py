@@ -21,13 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import wait_for  # noqa: E402
 from proxy.pgserver import LocalPostgres, _as_postgres, pg_bin_dir  # noqa: E402
 
 
@@ -50,15 +50,12 @@ def wait_caught_up(cluster, timeout: float = 120) -> None:
     our senders (they skip what was applied from elsewhere): start
     measuring once every walsender has sent what is flushed."""
     import psycopg
-    deadline = time.monotonic() + timeout
     for pg in cluster.pgs:
         with psycopg.connect(pg.dsn(), autocommit=True) as c:
-            while time.monotonic() < deadline:
-                row = c.execute("SELECT bool_and(pg_current_wal_flush_lsn() - sent_lsn < 65536) "
-                                "FROM pg_stat_replication").fetchone()
-                if row[0]:
-                    break
-                time.sleep(0.2)
+            wait_for(lambda c=c: c.execute(
+                "SELECT bool_and(pg_current_wal_flush_lsn() - sent_lsn < 65536) "
+                "FROM pg_stat_replication").fetchone()[0], timeout=timeout, interval=0.2,
+                what=f"the walsenders of {pg.base.name} to catch up")
 
 
 def start_sync_rep(base: Path) -> list[LocalPostgres]:
@@ -84,15 +81,9 @@ def start_sync_rep(base: Path) -> list[LocalPostgres]:
                     f"application_name={name}'\n")
         sb.start()
         standbys.append(sb)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        n = primary.psql("SELECT count(*) FROM pg_stat_replication WHERE sync_state IN "
-                         "('quorum', 'sync')").strip()
-        if n == "2":
-            break
-        time.sleep(0.2)
-    else:
-        raise RuntimeError("standbys did not become synchronous")
+    wait_for(lambda: primary.psql("SELECT count(*) FROM pg_stat_replication WHERE sync_state "
+                                  "IN ('quorum', 'sync')").strip() == "2",
+             timeout=30, interval=0.2, what="both standbys to become synchronous")
     return [primary, *standbys]
 
 

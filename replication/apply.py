@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from proxy.intercept import quote_literal
+
 from . import pgoutput as po
 
 DDL_PREFIX = "mtm_ddl"
@@ -479,12 +481,12 @@ def _ident(name: str) -> str:
 
 
 def _quote(text: str | None) -> str:
-    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+    return "NULL" if text is None else quote_literal(text)
 
 
 def _literal(v: bytes | None) -> str:
     """A pgoutput text value as an SQL literal."""
-    return "NULL" if v is None else "'" + v.decode("utf-8").replace("'", "''") + "'"
+    return "NULL" if v is None else quote_literal(v.decode("utf-8"))
 
 
 _NAMES: dict[int, tuple[po.Relation, tuple[str, str]]] = {}

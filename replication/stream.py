@@ -26,6 +26,8 @@ from typing import AsyncIterator
 import psycopg
 from psycopg import pq
 
+from proxy.intercept import quote_literal
+
 from . import pgoutput as po
 
 
@@ -35,10 +37,6 @@ _XLOG_HEADER = struct.Struct("!QQ")     # start LSN, server's end of WAL (then s
 
 class StreamError(RuntimeError):
     pass
-
-
-def _quote_literal(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 class SlotStream:
@@ -60,7 +58,7 @@ class SlotStream:
         self._conn = await psycopg.AsyncConnection.connect(
             self.conninfo, replication="database", autocommit=True)
         pg = self._pg = self._conn.pgconn
-        opts = ", ".join(f"{k} {_quote_literal(v)}" for k, v in (
+        opts = ", ".join(f"{k} {quote_literal(v)}" for k, v in (
             ("proto_version", "3"), ("publication_names", self.publication),
             ("messages", "true"), ("two_phase", "true"), ("streaming", "off")))
         cmd = (f"START_REPLICATION SLOT {self.slot} LOGICAL "

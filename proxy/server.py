@@ -143,13 +143,17 @@ class ProxyServer:
         """Wound-wait (called by the replication node): end the transaction
         of the client session whose backend is ``pid`` with 40001. If a
         statement of it is running, ``cancel(pid)`` (a coroutine function)
-        interrupts it. True if the session is (now) wounded."""
+        interrupts it; if it sits idle in its transaction, the transaction
+        is failed on the backend at once. True if the session is (now)
+        wounded."""
         conn = self.by_backend_pid.get(pid)
         if conn is None or conn.closed:
             return False
         if conn.core.wound(message):
             asyncio.ensure_future(self._wound_cancel(conn, cancel))
-        return conn.core.wounded is not None
+        if conn.core.effects:
+            conn.run_effects()
+        return conn.core.is_wounded
 
     async def shutdown(self, grace_ms: int | None = None) -> None:
         """Stop accepting; end idle sessions at once and busy ones at their

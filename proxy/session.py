@@ -156,7 +156,7 @@ class Session:
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
         "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
         "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp", "wounded",
-        "_wound_cancel", "wound_seq")
+        "_wound_cancel", "wound_seq", "_wound_answer")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -200,6 +200,10 @@ class Session:
         # the next 57014 is the wound's, whichever statement it hits.
         self._wound_cancel: str | None = None
         self.wound_seq = 0
+        # The 40001 owed to the client after a wound failed its transaction
+        # on the backend while it sat idle in it (see ``wound``): the client
+        # has not heard of it yet.
+        self._wound_answer: bytes | None = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -467,6 +471,8 @@ class Session:
             self._zseen = sf.peeked
             self.pending_syncs = max(0, self.pending_syncs - done)
             self.txn_status = _TXN_STATUS.get(sf.last_peek, self.txn_status)
+            if self._wound_answer is not None and self.txn_status != b"E":
+                self._wound_answer = None   # rolled back (to a savepoint) by the client
             if phase is Phase.DRAINING or self.shutting_down:
                 return self._after_cycle(items)
             if self._flow is not None and self.pending_syncs == 0:
@@ -482,12 +488,26 @@ class Session:
         """Wound-wait: end this session's transaction with 40001. Returns
         True when a statement is running (the shell then cancels it, and
         calls ``wound_cancel_settled(wound_seq)`` once a late cancel can no
-        longer arrive; the cancel's 57014 is rewritten); otherwise the next
-        statement fails. While a cancel is in flight no second one is
-        asked for; once it has settled, a session still wounded and still
-        running (the cancel landed between statements, and the next one
-        blocks) is cancelled again."""
+        longer arrive; the cancel's 57014 is rewritten). While a cancel is
+        in flight no second one is asked for; once it has settled, a
+        session still wounded and still running (the cancel landed between
+        statements, and the next one blocks) is cancelled again.
+
+        A session idle in its transaction is failed on the backend at once
+        (a statement of the proxy's own raises the 40001 there), so its
+        locks go now rather than when the client next speaks; the client
+        gets the 40001 as the answer to its next statement (see
+        ``_wound_answer``). Otherwise (a commit flow is running, or a
+        batch is half sent) the next statement fails."""
         if self.phase is not Phase.READY or self.txn_status != b"T":
+            return False
+        if self._flow is not None and self._flow.final == "wound_idle":
+            return False
+        if self.wounded is None and self._idle_in_transaction():
+            self._flow = _Flow(raw=b"", plan=None, steps=[("own", intercept.wound_sql(message))],
+                               final="wound_idle")
+            self._sf = Framer(_ALL_BACKEND, frontend=False).carry_from(self._sf)
+            self._flow_advance()
             return False
         if self.wounded is None:
             self.wounded = message
@@ -496,6 +516,17 @@ class Session:
             self.wound_seq += 1
             return True
         return False
+
+    @property
+    def is_wounded(self) -> bool:
+        """A wound is pending or its 40001 is still owed to the client."""
+        return (self.wounded is not None or self._wound_answer is not None
+                or (self._flow is not None and self._flow.final == "wound_idle"))
+
+    def _idle_in_transaction(self) -> bool:
+        return (self.cluster and self._flow is None and self.pending_syncs == 0
+                and self._batch is None and not self._held and self._cf.at_boundary
+                and self._sf.at_boundary)
 
     def wound_cancel_settled(self, seq: int) -> None:
         if seq == self.wound_seq:
@@ -511,6 +542,11 @@ class Session:
             msg = self.wounded or self._wound_cancel
             self.wounded = None
             return wire.error_response(intercept.SERIALIZATION_FAILURE, msg)
+        if self._wound_answer is not None and b"C25P02\0" in m.body:
+            # "current transaction is aborted": the client's first word
+            # since the wound failed its transaction; it gets the wound's.
+            answer, self._wound_answer = self._wound_answer, None
+            return answer
         return m.raw
 
     def _join_ready(self, items: list) -> bytes:
@@ -638,7 +674,15 @@ class Session:
         kind = plan.kind
         steps: list = []
         final = ""
-        if self.wounded is not None and status == b"T":
+        if self._wound_answer is not None and status == b"E" and kind in (
+                intercept.COMMIT, intercept.USER_PREPARE):
+            # PostgreSQL would answer COMMIT / PREPARE TRANSACTION of a
+            # failed transaction with a plain "ROLLBACK": the client, who
+            # has not heard of the wound yet, gets its 40001 instead.
+            plan = intercept.Plan(intercept.REFUSE, reason="")
+            kind = intercept.REFUSE
+            final = "refuse"
+        elif self.wounded is not None and status == b"T":
             # Wounded while idle in its transaction: fail the transaction on
             # the backend for real (so a later COMMIT becomes ROLLBACK) and
             # answer this statement with the 40001.
@@ -693,9 +737,12 @@ class Session:
             return None
         self._hold_from(None, rest)
         if final == "refuse":
+            if self._wound_answer is not None and status == b"E":
+                err, self._wound_answer = self._wound_answer, None
+            else:
+                err = wire.error_response(FEATURE_NOT_SUPPORTED, plan.reason)
             self.effects.append(SendClient(
-                wire.error_response(FEATURE_NOT_SUPPORTED, plan.reason)
-                + wire.ReadyForQuery(b"E" if status != b"I" else b"I").encode()))
+                err + wire.ReadyForQuery(b"E" if status != b"I" else b"I").encode()))
             if status != b"I":
                 self.txn_status = b"E"
             self._release_held()
@@ -802,6 +849,12 @@ class Session:
         f = self._flow
         step = f.step
         self.txn_status = status
+        if f.final == "wound_idle":
+            # The client is not waiting for anything: it hears of this at
+            # its next statement.
+            self._wound_answer = f.error
+            self._flow_finish(None, tell_client=False)
+            return
         if f.error is not None and step[0] != "client" and f.final != "wound":
             # One of our own statements failed: the client gets its error,
             # and a transaction the proxy opened is rolled back first.
@@ -895,20 +948,17 @@ class Session:
         else:
             self._flow_finish(wire.error_response(sqlstate, message))
 
-    def _flow_finish(self, extra: bytes | None) -> None:
+    def _flow_finish(self, extra: bytes | None, *, tell_client: bool = True) -> None:
         """End the flow: tell the client, restore relaying, replay held bytes."""
-        f = self._flow
         self._flow = None
         self._sf = Framer(_READY_SERVER_INSPECT, frontend=False,
                           peek=_READY_SERVER_PEEK).carry_from(self._sf)
         self._zseen = 0
-        if f.final == "relay" and extra is None:
-            # The client's own statement answered with its own ReadyForQuery,
-            # which we held back: give it now.
-            msg = wire.ReadyForQuery(self.txn_status).encode()
-        else:
-            msg = (extra or b"") + wire.ReadyForQuery(self.txn_status).encode()
-        self.effects.append(SendClient(msg))
+        if tell_client:
+            # (With final "relay" and no extra, the client's own statement
+            # was answered but for its ReadyForQuery, held back until now.)
+            self.effects.append(SendClient(
+                (extra or b"") + wire.ReadyForQuery(self.txn_status).encode()))
         self._release_held()
 
     def _release_held(self) -> None:

@@ -663,16 +663,47 @@ def test_local_sessions_queued_on_a_row_give_way_to_a_committing_transaction(clu
     assert no_prepared_left(cluster)
 
 
+def test_a_session_idle_in_its_transaction_gives_way_at_once(cluster):
+    """On node 2 a client holds row 1 and sits idle in its transaction. A
+    write to row 1 committed through node 1 began to commit first: node 2's
+    applier has the idle transaction failed on the spot (rather than wait
+    out the apply lock timeout, which would fail node 1's commit), and the
+    client hears the 40001 at its next statement - its COMMIT, which must
+    not come back as a plain ROLLBACK the client could take for success."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE idle_hold (id int PRIMARY KEY, n int)")
+        c.execute("INSERT INTO idle_hold VALUES (1, 0)")
+    for verb in ("commit", "update"):
+        holder = psycopg.connect(cluster.dsn(2))
+        holder.execute("UPDATE idle_hold SET n = n + 1000 WHERE id = 1")
+        with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+            c.execute("UPDATE idle_hold SET n = n + 1 WHERE id = 1")     # must not fail
+        with pytest.raises(psycopg.errors.SerializationFailure) as e:
+            if verb == "commit":
+                holder.commit()
+            else:
+                holder.execute("UPDATE idle_hold SET n = n + 7 WHERE id = 1")
+        assert "of node 1" in str(e.value)
+        holder.rollback()
+        holder.execute("UPDATE idle_hold SET n = n + 10 WHERE id = 1")   # the retry works
+        holder.commit()
+        holder.close()
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT n FROM idle_hold") == [(22,)]
+    assert no_prepared_left(cluster)
+
+
 def test_parallel_apply_an_independent_transaction_overtakes_a_blocked_one(cluster):
-    """Node 1 commits A (row 1) and then B (row 2). On node 2 a local
-    session sits idle in a transaction holding row 1, so node 2's applier of
-    A waits for it. B does not depend on A (they were prepared on node 1 at
-    the same time): another applier applies it, and B commits while A is
-    still waiting. Serial apply would hold B behind A."""
+    """Node 1 commits A (row 1) and then B (row 2). On node 2 a session
+    connected to PostgreSQL directly (so wound-wait cannot end it; it could
+    never commit its write either) sits idle in a transaction holding row 1,
+    so node 2's applier of A waits for it. B does not depend on A (they were
+    prepared on node 1 at the same time): another applier applies it, and B
+    commits while A is still waiting. Serial apply would hold B behind A."""
     with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
         c.execute("CREATE TABLE par (id int PRIMARY KEY, n int)")
         c.execute("INSERT INTO par VALUES (1, 0), (2, 0)")
-    holder = psycopg.connect(cluster.dsn(2))
+    holder = psycopg.connect(cluster.direct(2).dsn())
     holder.execute("UPDATE par SET n = n + 1000 WHERE id = 1")     # and stays idle
     result: dict = {}
 

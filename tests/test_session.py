@@ -237,21 +237,99 @@ def in_transaction(s: Session) -> None:
     s.effects.clear()
 
 
-def test_wound_while_idle_fails_the_next_statement_with_40001():
+WOUND = wire.error_response("40001", "conflicts with MTM-2-1-5")
+
+
+def wound_idle(s: Session) -> None:
+    """Wound a session idle in its transaction: the proxy fails the
+    transaction on the backend at once, and the client hears nothing yet."""
+    assert s.wound("conflicts with MTM-2-1-5") is False     # nothing to cancel
+    [send] = [e for e in s.effects if isinstance(e, SendServer)]
+    q = wire.decode(b"Q", send.data[5:], frontend=True).sql
+    assert "RAISE EXCEPTION" in q and "40001" in q
+    assert s.is_wounded
+    assert s.wound("again") is False            # the watchdog asks again: one is enough
+    s.effects.clear()
+    assert s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode()) is None
+    assert not [e for e in s.effects if isinstance(e, SendClient)]
+    assert s.txn_status == b"E" and s.is_wounded
+
+
+def test_wound_while_idle_fails_the_transaction_at_once_and_answers_the_next_statement():
     s = cluster_ready()
     in_transaction(s)
-    assert s.wound("conflicts with MTM-2-1-5") is False     # idle: nothing to cancel
-    assert s.client_bytes(wire.Query("UPDATE t SET n = 2").encode()) is None
+    wound_idle(s)
+    # the client's next statement reaches PostgreSQL, whose "current
+    # transaction is aborted" becomes the wound's 40001
+    upd = wire.Query("UPDATE t SET n = 2").encode()
+    assert s.client_bytes(upd) == upd
+    aborted = wire.error_response("25P02", "current transaction is aborted, commands ignored "
+                                           "until end of transaction block")
+    out = s.server_bytes(aborted + wire.ReadyForQuery(b"E").encode())
+    assert out == WOUND + wire.ReadyForQuery(b"E").encode()
+    assert not s.is_wounded
+    # from then on PostgreSQL's own answers pass
+    assert s.client_bytes(upd) == upd
+    assert s.server_bytes(aborted + wire.ReadyForQuery(b"E").encode()) == \
+        aborted + wire.ReadyForQuery(b"E").encode()
+
+
+def test_wound_while_idle_then_commit_gets_40001_not_a_silent_rollback():
+    # PostgreSQL answers COMMIT of a failed transaction with "ROLLBACK" and
+    # no error: the client, who has not heard of the wound, must not take
+    # that for a commit.
+    for stmt in ("COMMIT", "PREPARE TRANSACTION 'mine'"):
+        s = cluster_ready()
+        in_transaction(s)
+        wound_idle(s)
+        assert s.client_bytes(wire.Query(stmt).encode()) is None
+        assert not [e for e in s.effects if isinstance(e, SendServer)]
+        [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
+        assert out == WOUND + wire.ReadyForQuery(b"E").encode()
+        assert s.txn_status == b"E" and not s.is_wounded
+
+
+def test_wound_while_idle_then_rollback_passes():
+    s = cluster_ready()
+    in_transaction(s)
+    wound_idle(s)
+    rb = wire.Query("ROLLBACK").encode()
+    assert s.client_bytes(rb) == rb
+    done = wire.CommandComplete("ROLLBACK").encode() + wire.ReadyForQuery(b"I").encode()
+    assert s.server_bytes(done) == done
+    assert s.txn_status == b"I" and not s.is_wounded
+
+
+def test_a_statement_sent_while_the_wound_runs_is_held_then_answered():
+    s = cluster_ready()
+    in_transaction(s)
+    assert s.wound("conflicts with MTM-2-1-5") is False
+    s.effects.clear()
+    assert s.client_bytes(wire.Query("COMMIT").encode()) is None    # held
+    assert not s.effects
+    s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode())
+    [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
+    assert out == WOUND + wire.ReadyForQuery(b"E").encode()
+    assert not [e for e in s.effects if isinstance(e, SendServer)]
+
+
+def test_wound_with_a_half_sent_batch_fails_the_next_statement_with_40001():
+    s = cluster_ready()
+    in_transaction(s)
+    s.client_bytes(wire.Parse("", "UPDATE t SET n = 2").encode()
+                   + wire.Bind("", "").encode())
+    assert s.wound("conflicts with MTM-2-1-5") is False     # not idle: no statement of ours
+    assert not s.effects
+    assert s.client_bytes(wire.Execute("", 0).encode() + wire.Sync().encode()) is None
     # the proxy makes the transaction fail on the backend for real...
     [send] = [e for e in s.effects if isinstance(e, SendServer)]
     q = wire.decode(b"Q", send.data[5:], frontend=True).sql
     assert "RAISE EXCEPTION" in q and "40001" in q
     s.effects.clear()
-    err = wire.error_response("40001", "conflicts with MTM-2-1-5")
-    s.server_bytes(err + wire.ReadyForQuery(b"E").encode())
+    s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode())
     # ...and the client gets the 40001 and a failed-transaction state
     [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
-    assert out == err + wire.ReadyForQuery(b"E").encode()
+    assert out == WOUND + wire.ReadyForQuery(b"E").encode()
     assert s.txn_status == b"E" and s.wounded is None
 
 

@@ -230,7 +230,10 @@ class ReplicationNode:
             elif cls is cp.CommitLocal or cls is cp.AbortLocal:
                 commit = cls is cp.CommitLocal
                 await self._finish_prepared(a.gid, commit)
-                self.log.info("transaction_decided", gid=a.gid, commit=commit)
+                # One line per commit would flood an info-level log on a
+                # busy cluster; aborts are the interesting ones.
+                (self.log.debug if commit else self.log.info)(
+                    "transaction_decided", gid=a.gid, commit=commit)
                 await self.execute(self.coord.local_done(a.gid, commit, _now_ms()))
             elif cls is cp.FinishLocal:
                 await self._finish_prepared(a.gid, a.commit)

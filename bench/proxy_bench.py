@@ -1,16 +1,19 @@
 """Relay overhead: pgbench directly, through mmproxy and through pgbouncer.
 
-One run starts a PostgreSQL 15 server, an mmproxy in front of it and a
-pgbouncer in session mode (installed from Debian's packages if missing),
-then runs pgbench against the three side by side, interleaved round by
-round so that machine noise hits all three alike:
+One run starts a PostgreSQL 15 server, an mmproxy in front of it, a
+pgbouncer in session mode (installed from Debian's packages if missing)
+and ``bench/bare_relay.py`` - a uvloop byte pump that parses nothing, the
+floor under any relay built on asyncio/uvloop - then runs pgbench against
+the four side by side, interleaved round by round so that machine noise
+hits them alike:
 
 - select-only (-S), 8 clients, -M simple and -M prepared;
 - the default TPC-B-like script, 8 clients;
 - single-client select-only latency (p50 from pgbench's per-transaction log).
 
-It prints TPS (median of the rounds), the ratios mmproxy/direct and
-mmproxy/pgbouncer, and the p50 latency each adds over direct.
+It prints TPS (median of the rounds), the ratios to direct, mmproxy's
+ratio to the bare pump and to pgbouncer, and the p50 latency each adds
+over direct.
 
     .venv/bin/python bench/proxy_bench.py [--duration 10] [--rounds 3]
 """
@@ -98,6 +101,14 @@ file = "{base / 'mmproxy.log'}"
     return proc
 
 
+def start_bare_relay(pg: LocalPostgres, port: int) -> subprocess.Popen:
+    sock = str(Path(pg.sockdir) / f".s.PGSQL.{pg.port}")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_relay.py"),
+                             str(port), sock], cwd=ROOT)
+    wait_port(port, 20, proc)
+    return proc
+
+
 def pgbench(port: int, args: list[str], duration: int, log_dir: Path | None = None) -> tuple[float, list[float]]:
     cmd = [os.path.join(pg_bin_dir(), "pgbench"), "-h", "127.0.0.1", "-p", str(port),
            "-U", "postgres", "-T", str(duration), "-n", *args, "bench"]
@@ -139,6 +150,8 @@ def main() -> int:
         ports = {"direct": pg.port}
         ports["mmproxy"] = free_port()
         procs.append(start_mmproxy(base, pg, ports["mmproxy"]))
+        ports["bare"] = free_port()
+        procs.append(start_bare_relay(pg, ports["bare"]))
         ports["pgbouncer"] = free_port()
         procs.append(start_pgbouncer(bouncer_bin, base, pg, ports["pgbouncer"]))
         targets = list(ports)
@@ -154,7 +167,8 @@ def main() -> int:
         results: dict[str, dict[str, list[float]]] = {t: {k: [] for k in targets} for t in tests}
         for r in range(args.rounds):
             for name, a in tests.items():
-                order = targets[r % 3:] + targets[:r % 3]  # rotate who goes first
+                k = r % len(targets)
+                order = targets[k:] + targets[:k]  # rotate who goes first
                 for target in order:
                     tps, _ = pgbench(ports[target], a, args.duration)
                     results[name][target].append(tps)
@@ -163,22 +177,25 @@ def main() -> int:
         logd = base / "latlog"
         logd.mkdir()
         for r in range(args.rounds):
-            for target in targets[r % 3:] + targets[:r % 3]:
+            k = r % len(targets)
+            for target in targets[k:] + targets[:k]:
                 _, l = pgbench(ports[target], ["-S", "-M", "prepared", "-c", "1"],
                                max(3, args.duration // 2), logd)
                 lat[target].append(statistics.median(l))
 
-        print("\n| test | direct TPS | mmproxy TPS | pgbouncer TPS | mmproxy/direct | "
-              "mmproxy/pgbouncer | pgbouncer/direct |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| test | direct TPS | mmproxy TPS | bare uvloop pump TPS | pgbouncer TPS | "
+              "mmproxy/direct | bare pump/direct | pgbouncer/direct | mmproxy/bare pump | "
+              "mmproxy/pgbouncer |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in tests:
             med = {k: statistics.median(v) for k, v in results[name].items()}
-            print(f"| {name} | {med['direct']:.0f} | {med['mmproxy']:.0f} | {med['pgbouncer']:.0f} | "
-                  f"{med['mmproxy'] / med['direct']:.2f} | {med['mmproxy'] / med['pgbouncer']:.2f} | "
-                  f"{med['pgbouncer'] / med['direct']:.2f} |")
+            d, m, b, pb = med["direct"], med["mmproxy"], med["bare"], med["pgbouncer"]
+            print(f"| {name} | {d:.0f} | {m:.0f} | {b:.0f} | {pb:.0f} | {m / d:.2f} | {b / d:.2f} | "
+                  f"{pb / d:.2f} | {m / b:.2f} | {m / pb:.2f} |")
         p50 = {k: statistics.median(v) for k, v in lat.items()}
         print(f"\nsingle-client select-only p50 latency: direct {p50['direct']:.3f} ms, "
               f"mmproxy {p50['mmproxy']:.3f} ms (+{p50['mmproxy'] - p50['direct']:.3f} ms), "
+              f"bare pump {p50['bare']:.3f} ms (+{p50['bare'] - p50['direct']:.3f} ms), "
               f"pgbouncer {p50['pgbouncer']:.3f} ms (+{p50['pgbouncer'] - p50['direct']:.3f} ms)")
         return 0
     finally:

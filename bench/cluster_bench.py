@@ -10,6 +10,12 @@ branch/teller updates), and single-client commit latency. pgbench 15
 retries serialization failures (--max-tries), which the cluster reports
 for conflicting transactions on different nodes.
 
+It also measures where the CPU goes during each 8-client run: the whole
+machine's busy time (/proc/stat) and the proxies' own. What is left per
+cluster transaction (PostgreSQL's work on three nodes, pgbench, the
+kernel) bounds the cluster's TPS on this machine even with a proxy that
+cost nothing: the script prints that ceiling beside the measured ratio.
+
     .venv/bin/python bench/cluster_bench.py [--duration 20]
 """
 from __future__ import annotations
@@ -29,6 +35,32 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import wait_for  # noqa: E402
 from proxy.pgserver import LocalPostgres, _as_postgres, pg_bin_dir  # noqa: E402
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = f
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Machine and per-process CPU over one measured run."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.busy0 = machine_busy_s()
+        self.procs0 = sum(process_cpu_s(p) for p in pids)
+
+    def stop(self) -> dict:
+        return {"busy_s": machine_busy_s() - self.busy0,
+                "procs_s": sum(process_cpu_s(p) for p in self.pids) - self.procs0}
 
 
 def pgbench(port: int, args: list[str], duration: int) -> dict:
@@ -110,8 +142,10 @@ def main() -> int:
                        check=True, capture_output=True)
         c = str(args.clients)
         for name, extra in (("TPC-B-like", []), ("-N", ["-N"])):
+            meter = CpuMeter([])
             results[("sync", name)] = pgbench(primary.port, ["-c", c, "-j", "2", *extra],
                                               args.duration)
+            results[("sync", name)]["cpu"] = meter.stop()
             print(f"  sync-rep  {name:10s} {results[('sync', name)]}", flush=True)
         results[("sync", "latency")] = pgbench(primary.port, ["-c", "1"], max(5, args.duration // 2))
         for s in servers:
@@ -128,13 +162,15 @@ def main() -> int:
         per = [args.clients // 3 + (1 if i < args.clients % 3 else 0) for i in range(3)]
         for name, extra in (("TPC-B-like", []), ("-N", ["-N"])):
             procs = []
+            meter = CpuMeter([p.pid for p in cluster.proxies])
             for p, n in zip(cluster.proxies, per):
                 cmd = [sys.executable, __file__, "--one", str(p.port), str(n), str(args.duration),
                        *extra]
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
             outs = [eval(pr.communicate()[0].strip().splitlines()[-1]) for pr in procs]
             results[("cluster", name)] = {"tps": sum(o["tps"] for o in outs),
-                                          "retried": sum(o["retried"] for o in outs)}
+                                          "retried": sum(o["retried"] for o in outs),
+                                          "cpu": meter.stop()}
             print(f"  cluster   {name:10s} {results[('cluster', name)]}", flush=True)
         results[("cluster", "latency")] = pgbench(p1.port, ["-c", "1"], max(5, args.duration // 2))
 
@@ -144,6 +180,22 @@ def main() -> int:
         for name in ("TPC-B-like", "-N"):
             s, cl = results[("sync", name)]["tps"], results[("cluster", name)]["tps"]
             print(f"| {name} | {s:.0f} | {cl:.0f} | {cl / s:.2f} |")
+        cores = os.cpu_count()
+        print(f"\nCPU per transaction, whole machine ({cores} cores), 8-client runs:\n")
+        print("| pgbench | sync rep | cluster | cluster: proxies | cluster: the rest "
+              "(PostgreSQL x3, pgbench, kernel) | cluster ceiling with a free proxy | "
+              "ceiling/sync |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in ("TPC-B-like", "-N"):
+            sr, cr = results[("sync", name)], results[("cluster", name)]
+            s_ms = sr["cpu"]["busy_s"] / (sr["tps"] * args.duration) * 1000
+            n_cluster = cr["tps"] * args.duration
+            c_ms = cr["cpu"]["busy_s"] / n_cluster * 1000
+            p_ms = cr["cpu"]["procs_s"] / n_cluster * 1000
+            rest_ms = c_ms - p_ms
+            ceiling = cores / (rest_ms / 1000)
+            print(f"| {name} | {s_ms:.2f} ms | {c_ms:.2f} ms | {p_ms:.2f} ms | {rest_ms:.2f} ms | "
+                  f"{ceiling:.0f} TPS | {ceiling / sr['tps']:.2f} |")
         sl, cll = results[("sync", "latency")], results[("cluster", "latency")]
         print(f"\nsingle-client TPC-B-like latency: sync rep {sl['latency_ms']:.2f} ms, "
               f"cluster {cll['latency_ms']:.2f} ms")

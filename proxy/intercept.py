@@ -40,9 +40,12 @@ _PASS_TYPES = (ast.VariableSetStmt, ast.VariableShowStmt, ast.VacuumStmt, ast.Ch
                ast.ClosePortalStmt, ast.LoadStmt, ast.CreatedbStmt, ast.DropdbStmt,
                ast.AlterSystemStmt, ast.AlterDatabaseSetStmt, ast.ReindexStmt,
                ast.ClusterStmt, ast.LockStmt, ast.ExecuteStmt)
-# Writes to data (shipped as rows, not text).
+# Writes to data (shipped as rows, not text). TRUNCATE is one: the slot
+# carries it (pgoutput's Truncate), for replicated tables only, so it is not
+# shipped as text (which would also truncate a peer's local tables, and
+# refuse a transaction that truncates a temporary one).
 _DML_TYPES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.CallStmt, ast.DoStmt,
-              ast.MergeStmt)
+              ast.MergeStmt, ast.TruncateStmt)
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,9 @@ CREATE OR REPLACE FUNCTION mtm.adjust_sequence(seq regclass) RETURNS void LANGUA
 DECLARE
   me int := (SELECT id FROM mtm.nodes WHERE is_self);
   step int := @MAX_NODES@;
-  inc bigint; lv bigint; called bool; nxt bigint;
+  inc bigint; st bigint; lv bigint; called bool; nxt bigint;
 BEGIN
-  SELECT increment_by INTO inc FROM pg_sequences
+  SELECT increment_by, start_value INTO inc, st FROM pg_sequences
    WHERE format('%I.%I', schemaname, sequencename)::regclass = seq;
   IF inc IS DISTINCT FROM 1 THEN
     RETURN;   -- custom or descending increments are left as they are
@@ -134,7 +134,11 @@ BEGIN
   EXECUTE format('SELECT last_value, is_called FROM %s', seq) INTO lv, called;
   nxt := CASE WHEN called THEN lv + 1 ELSE lv END;
   nxt := nxt + ((me - nxt) % step + step) % step;
-  EXECUTE format('ALTER SEQUENCE %s INCREMENT BY %s RESTART WITH %s', seq, step, nxt);
+  -- START moves too: a later plain RESTART (ALTER SEQUENCE ... RESTART,
+  -- TRUNCATE ... RESTART IDENTITY) must stay on this node's values.
+  st := st + ((me - st) % step + step) % step;
+  EXECUTE format('ALTER SEQUENCE %s INCREMENT BY %s START WITH %s RESTART WITH %s',
+                 seq, step, st, nxt);
 END $f$;
 
 CREATE OR REPLACE FUNCTION mtm.alter_sequences() RETURNS int LANGUAGE plpgsql AS $f$

@@ -357,6 +357,23 @@ def test_sequences_never_collide_across_nodes(cluster):
     # each node's own sequence state hands out its own residue
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT nextval('free_seq') % 16") == [(i,)]
+    # ...also after a restart: TRUNCATE ... RESTART IDENTITY (replicated
+    # through the slot) and ALTER SEQUENCE ... RESTART (shipped as DDL) go
+    # back to each node's own start, not to a start shared by all
+    with psycopg.connect(cluster.dsn(2), autocommit=True) as c:
+        c.execute("TRUNCATE ser, ident RESTART IDENTITY")
+        c.execute("ALTER SEQUENCE free_seq RESTART")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT count(*) FROM ser") == [(0,)]
+    for i in (1, 2, 3):
+        with psycopg.connect(cluster.dsn(i), autocommit=True) as conn:
+            conn.execute("INSERT INTO ser (node) VALUES (%s)", (i,))
+            conn.execute("INSERT INTO ident (node) VALUES (%s)", (i,))
+        assert rows(cluster, i, "SELECT nextval('free_seq')") == [(i,)]
+    for i in (1, 2, 3):
+        for table in ("ser", "ident"):
+            assert rows(cluster, i, f"SELECT id, node FROM {table} ORDER BY id") == [
+                (1, 1), (2, 2), (3, 3)], table
 
 
 def test_monitoring_functions(cluster):
@@ -429,6 +446,12 @@ def test_temp_tables_as_scratch_space(cluster):
         assert c.execute("SELECT count(*) FROM scratch WHERE id = 7").fetchone() == (0,)
         c.execute("CREATE TEMP TABLE scratch2 AS SELECT * FROM perm")
         assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (1,)
+        # emptying scratch space is a write to it, not DDL for the peers
+        c.execute("TRUNCATE scratch2")
+        with c.transaction():
+            c.execute("INSERT INTO scratch2 (id) VALUES (8)")
+            c.execute("TRUNCATE scratch2")
+        assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (0,)
         # dropping temporary objects stays on this node (nothing to ship)...
         c.execute("DROP TABLE scratch2")
         with c.transaction():
@@ -462,6 +485,14 @@ def test_make_table_local(cluster):
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM loc") == [(i, i)]
         assert rows(cluster, i, "SELECT count(*) FROM mtm.local_tables") == [(1,)]
+    # TRUNCATE of a local table empties it on its node only
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("TRUNCATE loc")
+    assert rows(cluster, 3, "SELECT * FROM loc") == []
+    for i in (1, 2):
+        assert rows(cluster, i, "SELECT * FROM loc") == [(i, i)]
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("INSERT INTO loc VALUES (3, 3)")
     # Transactions that only write local tables (or only advance sequences)
     # commit on their node without the commit protocol; one that also
     # writes a replicated table, or ships DDL, goes through it.

@@ -22,6 +22,9 @@ CASES = [
     ("UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = 7", WRAP, {}),
     ("INSERT INTO t VALUES (1, 'x')", WRAP, {}),
     ("DELETE FROM t WHERE id = 3", WRAP, {}),
+    # TRUNCATE travels through the slot like the rows it removes
+    ("TRUNCATE t RESTART IDENTITY CASCADE", WRAP, {"ddl": False}),
+    ("CREATE TABLE a (id int); TRUNCATE b", REFUSE, {}),
     ("CREATE TABLE t (id int)", WRAP, {"ddl": True}),
     ("CREATE TEMP TABLE t (id int)", WRAP, {"temp": True}),
     ("DROP TABLE t", WRAP, {"ddl": True, "drop": True}),

@@ -124,21 +124,25 @@ CREATE OR REPLACE FUNCTION mtm.adjust_sequence(seq regclass) RETURNS void LANGUA
 DECLARE
   me int := (SELECT id FROM mtm.nodes WHERE is_self);
   step int := @MAX_NODES@;
-  inc bigint; st bigint; lv bigint; called bool; nxt bigint;
+  inc bigint; st bigint; lv bigint; called bool; cur bigint; nxt bigint; st2 bigint;
 BEGIN
   SELECT increment_by, start_value INTO inc, st FROM pg_sequences
    WHERE format('%I.%I', schemaname, sequencename)::regclass = seq;
-  IF inc IS DISTINCT FROM 1 THEN
+  IF inc IS DISTINCT FROM 1 AND inc IS DISTINCT FROM step THEN
     RETURN;   -- custom or descending increments are left as they are
   END IF;
   EXECUTE format('SELECT last_value, is_called FROM %s', seq) INTO lv, called;
-  nxt := CASE WHEN called THEN lv + 1 ELSE lv END;
-  nxt := nxt + ((me - nxt) % step + step) % step;
+  cur := CASE WHEN called THEN lv + inc ELSE lv END;   -- the value it gives next
+  nxt := cur + ((me - cur) % step + step) % step;
   -- START moves too: a later plain RESTART (ALTER SEQUENCE ... RESTART,
   -- TRUNCATE ... RESTART IDENTITY) must stay on this node's values.
-  st := st + ((me - st) % step + step) % step;
+  st2 := st + ((me - st) % step + step) % step;
+  IF inc = step AND nxt = cur AND st2 = st THEN
+    RETURN;   -- on this node's values already (also ends the recursion below)
+  END IF;
+  -- (an ALTER SEQUENCE fires this trigger again)
   EXECUTE format('ALTER SEQUENCE %s INCREMENT BY %s START WITH %s RESTART WITH %s',
-                 seq, step, st, nxt);
+                 seq, step, st2, nxt);
 END $f$;
 
 CREATE OR REPLACE FUNCTION mtm.alter_sequences() RETURNS int LANGUAGE plpgsql AS $f$
@@ -157,7 +161,7 @@ CREATE OR REPLACE FUNCTION mtm.on_create_sequence() RETURNS event_trigger LANGUA
 DECLARE r record;
 BEGIN
   FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
-           WHERE object_type = 'sequence' AND command_tag <> 'ALTER SEQUENCE'
+           WHERE object_type = 'sequence'
   LOOP
     PERFORM mtm.adjust_sequence(r.objid::regclass);
   END LOOP;
@@ -305,7 +309,8 @@ DO $d$ BEGIN
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'mtm_on_create_sequence') THEN
     CREATE EVENT TRIGGER mtm_on_create_sequence ON ddl_command_end
-      WHEN TAG IN ('CREATE SEQUENCE', 'CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS')
+      WHEN TAG IN ('CREATE SEQUENCE', 'ALTER SEQUENCE', 'CREATE TABLE', 'ALTER TABLE',
+                   'CREATE TABLE AS')
       EXECUTE FUNCTION mtm.on_create_sequence();
     ALTER EVENT TRIGGER mtm_on_create_sequence ENABLE ALWAYS;
   END IF;

@@ -374,6 +374,11 @@ def test_sequences_never_collide_across_nodes(cluster):
         for table in ("ser", "ident"):
             assert rows(cluster, i, f"SELECT id, node FROM {table} ORDER BY id") == [
                 (1, 1), (2, 2), (3, 3)], table
+    # a restart at a given value is moved, on each node, to its next own value
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("ALTER SEQUENCE free_seq RESTART WITH 100")
+    for i in (1, 2, 3):
+        assert rows(cluster, i, "SELECT nextval('free_seq')") == [(112 + i,)]  # 100 = 4 mod 16
 
 
 def test_monitoring_functions(cluster):

@@ -19,12 +19,13 @@ when the statement fills the table itself, e.g. CREATE TABLE AS).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 import pglast
 from pglast import ast
-from pglast.enums import TransactionStmtKind
+from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
 
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
 # A client's own PREPARE TRANSACTION, and COMMIT/ROLLBACK PREPARED of it.
@@ -60,6 +61,9 @@ class Plan:
     # one statement on a table named without a schema (or in pg_temp), which
     # may be a temporary table: shipped unless it touched only temporary objects
     staged: bool = False
+    # staged GRANT/REVOKE: the tables it names, which event triggers do not
+    # report (mtm.on_ddl_end looks them up itself)
+    rels: tuple = ()
     gid: str = ""            # USER_PREPARE / USER_FINISH: the client's gid
     commit: bool = False     # USER_FINISH: COMMIT (else ROLLBACK) PREPARED
 
@@ -148,6 +152,21 @@ def _maybe_on_temp(s) -> bool:
     field = _ON_TABLE.get(type(s))
     rel = getattr(s, field, None) if field else None
     return rel is not None and rel.schemaname in (None, "pg_temp")
+
+
+def _qualified(rel) -> str:
+    parts = [p for p in (rel.catalogname, rel.schemaname, rel.relname) if p]
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+
+
+def _grant_rels(s) -> tuple:
+    """GRANT/REVOKE on tables or sequences one of which is named without a
+    schema (or in pg_temp), so may be temporary: the names it gives."""
+    if (isinstance(s, ast.GrantStmt) and s.targtype == GrantTargetType.ACL_TARGET_OBJECT
+            and s.objtype in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_SEQUENCE)
+            and any(o.schemaname in (None, "pg_temp") for o in s.objects or ())):
+        return tuple(_qualified(o) for o in s.objects)
+    return ()
 
 
 def _calls_make_table_local(s) -> bool:
@@ -274,9 +293,11 @@ def _classify(sql: str, stmts) -> Plan:
             return Plan(REFUSE, reason="this statement cannot run in the same query string as "
                                        "statements that change data; send it on its own")
         drop = len(stmts) == 1 and isinstance(stmts[0].stmt, ast.DropStmt)
-        staged = len(stmts) == 1 and ddl and not makes_rows and _maybe_on_temp(stmts[0].stmt)
+        one = stmts[0].stmt if len(stmts) == 1 and ddl and not makes_rows else None
+        rels = _grant_rels(one)
+        staged = one is not None and (_maybe_on_temp(one) or bool(rels))
         return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop,
-                    staged=staged)
+                    staged=staged, rels=rels)
     return Plan(PASS)
 
 
@@ -285,17 +306,20 @@ def quote_literal(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False) -> str:
+def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False,
+                rels: tuple = ()) -> str:
     """Run before a DDL Query, in its transaction: lets the DDL guard pass
     and ships the statement as text with the session context it needs.
     A DROP is only staged: the sql_drop event trigger (mtm.on_sql_drop)
     ships it unless everything it dropped was temporary, which exists on
     this node only. So is DDL on a table that may be temporary (``staged``):
     the ddl_command_end event trigger (mtm.on_ddl_end) ships it, after the
-    statement ran, unless every object it made or changed is temporary."""
+    statement ran, unless every object it made or changed is temporary
+    (for GRANT/REVOKE: every table in ``rels``)."""
+    extra = f", 'rels', {quote_literal(json.dumps(list(rels)))}::json" if rels else ""
     ddl = (f"json_build_object('sql', {quote_literal(query)}, "
            "'search_path', current_setting('search_path'), 'role', current_user, "
-           f"'makes_rows', {'true' if makes_rows else 'false'})::text")
+           f"'makes_rows', {'true' if makes_rows else 'false'}{extra})::text")
     if drop:
         return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_drop', {ddl}, true)"
     if staged:

@@ -759,7 +759,7 @@ class Session:
             # the Parse message; ship it as the DDL guard's refusal would
             # otherwise stop it.
             sql = plan.sql
-        return intercept.capture_sql(sql, plan.makes_rows, plan.drop, plan.staged)
+        return intercept.capture_sql(sql, plan.makes_rows, plan.drop, plan.staged, plan.rels)
 
     def _hold_from(self, m: Message | None, rest: list) -> None:
         parts = [m.raw] if m is not None else []

@@ -290,12 +290,20 @@ ON_SQL_DROP_SQL = _ship_staged_sql(
 # never left unshipped.
 ON_DDL_END_SQL = _ship_staged_sql(
     "on_ddl_end", "pending_ddl",
-    "SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (\n"
-    "           SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
-    "           WHERE d.classid = x.classid AND d.objid = x.objid\n"
-    "             AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),\n"
-    "         count(*)\n"
-    "    INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;",
+    # GRANT/REVOKE are reported without their objects: the proxy staged the
+    # names it gave (see intercept.capture_sql).
+    "IF tg_tag IN ('GRANT', 'REVOKE') THEN\n"
+    "    SELECT count(*) FILTER (WHERE c.relpersistence = 't'), count(*) INTO n_temp, n_all\n"
+    "      FROM json_array_elements_text(coalesce(pending::json -> 'rels', '[]')) r(name)\n"
+    "      LEFT JOIN pg_class c ON c.oid = to_regclass(r.name);\n"
+    "  ELSE\n"
+    "    SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (\n"
+    "             SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
+    "             WHERE d.classid = x.classid AND d.objid = x.objid\n"
+    "               AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),\n"
+    "           count(*)\n"
+    "      INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;\n"
+    "  END IF;",
     "'mmproxy: % changed temporary and permanent objects together; it cannot be "
     "replicated', tg_tag\n      USING ERRCODE = '0A000'")
 

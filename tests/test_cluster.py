@@ -451,6 +451,14 @@ def test_temp_tables_as_scratch_space(cluster):
         assert c.execute("SELECT count(*) FROM scratch WHERE id = 7").fetchone() == (0,)
         c.execute("CREATE TEMP TABLE scratch2 AS SELECT * FROM perm")
         assert c.execute("SELECT count(*) FROM scratch2").fetchone() == (1,)
+        # so are privileges on it, while a GRANT on a permanent table is
+        # shipped; one GRANT on both kinds is refused
+        c.execute("GRANT SELECT ON scratch2 TO public")
+        c.execute("REVOKE SELECT ON TABLE pg_temp.scratch2 FROM public")
+        c.execute("GRANT SELECT ON perm TO public")
+        with pytest.raises(psycopg.errors.FeatureNotSupported,
+                           match="GRANT changed temporary and permanent objects together"):
+            c.execute("GRANT UPDATE ON scratch2, perm TO public")
         # emptying scratch space is a write to it, not DDL for the peers
         c.execute("TRUNCATE scratch2")
         with c.transaction():
@@ -471,6 +479,8 @@ def test_temp_tables_as_scratch_space(cluster):
         c.execute("DROP TABLE IF EXISTS perm_never_was")
     for i in (1, 2, 3):
         assert rows(cluster, i, "SELECT * FROM perm") == [(1, "kept", None)]
+        assert rows(cluster, i, "SELECT array_to_string(relacl, ',') LIKE '%=r/%' "
+                                "FROM pg_class WHERE relname = 'perm'") == [(True,)]
         assert rows(cluster, i, "SELECT indexname FROM pg_indexes WHERE indexname LIKE "
                                 "'%scratch%' OR tablename = 'perm' ORDER BY 1") \
             == [("perm_pkey",), ("perm_v",)]

@@ -156,7 +156,7 @@ def _maybe_on_temp(s) -> bool:
 
 def _qualified(rel) -> str:
     parts = [p for p in (rel.catalogname, rel.schemaname, rel.relname) if p]
-    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+    return ".".join(quote_ident(p) for p in parts)
 
 
 def _grant_rels(s) -> tuple:
@@ -304,6 +304,11 @@ def _classify(sql: str, stmts) -> Plan:
 def quote_literal(s: str) -> str:
     """A standard-conforming SQL string literal."""
     return "'" + s.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False,

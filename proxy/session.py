@@ -679,8 +679,6 @@ class Session:
             # PostgreSQL would answer COMMIT / PREPARE TRANSACTION of a
             # failed transaction with a plain "ROLLBACK": the client, who
             # has not heard of the wound yet, gets its 40001 instead.
-            plan = intercept.Plan(intercept.REFUSE, reason="")
-            kind = intercept.REFUSE
             final = "refuse"
         elif self.wounded is not None and status == b"T":
             # Wounded while idle in its transaction: fail the transaction on

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from proxy.intercept import quote_literal
+from proxy.intercept import quote_ident, quote_literal
 
 from . import pgoutput as po
 
@@ -391,9 +391,9 @@ class Applier:
             if not (whole_row or col.is_key) or v is po.UNCHANGED_TOAST:
                 continue
             if v is None:
-                conds.append(f"{_ident(col.name)} IS NULL")
+                conds.append(f"{quote_ident(col.name)} IS NULL")
             else:
-                conds.append(f"{_ident(col.name)} = {_literal(v)}")
+                conds.append(f"{quote_ident(col.name)} = {_literal(v)}")
         if not conds:
             raise ApplyError(f"table {rel.namespace}.{rel.name} has no replica identity: "
                              "UPDATE/DELETE cannot be replicated")
@@ -420,7 +420,7 @@ class Applier:
             rel = self._rel(msg.relid)
             full = rel.replica_identity == "f"
             old = msg.old if msg.old is not None else msg.new
-            sets = ", ".join(f"{_ident(col.name)} = {_literal(v)}"
+            sets = ", ".join(f"{quote_ident(col.name)} = {_literal(v)}"
                              for col, v in zip(rel.columns, msg.new.values)
                              if v is not po.UNCHANGED_TOAST)
             self._add(f"UPDATE {_names(rel)[0]} SET {sets} WHERE "
@@ -476,10 +476,6 @@ class _MissingRow(Exception):
 # needs only its quotes doubled; pgoutput sends values as text, and an
 # untyped literal takes its column's type.
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _quote(text: str | None) -> str:
     return "NULL" if text is None else quote_literal(text)
 
@@ -500,7 +496,7 @@ def _names(rel: po.Relation) -> tuple[str, str]:
         return hit[1]
     if len(_NAMES) > 10000:
         _NAMES.clear()
-    names = (_ident(rel.namespace) + "." + _ident(rel.name),
-             ", ".join(_ident(c.name) for c in rel.columns))
+    names = (quote_ident(rel.namespace) + "." + quote_ident(rel.name),
+             ", ".join(quote_ident(c.name) for c in rel.columns))
     _NAMES[id(rel)] = (rel, names)
     return names

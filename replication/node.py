@@ -49,7 +49,10 @@ _ROW_KINDS = frozenset(b"IUDTM")
 _TRUNCATE, _MESSAGE = ord("T"), ord("M")
 _RELID = struct.Struct("!I")
 WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
-WORKING_EVERY_S = 1.0    # how often a busy member tells a coordinator it is working
+# How often a busy member tells a coordinator it is working: every second,
+# and at least four times per commit_vote_timeout_ms (a report every
+# timeout would race the coordinator's clock).
+WORKING_EVERY_S = 1.0
 APPLIED_GC_INTERVAL_S = 10
 
 # For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
@@ -391,8 +394,9 @@ class ReplicationNode:
         (``Working``): its coordinator then keeps waiting for our votes
         however long a large transaction, or the backlog behind it, takes,
         while a member that stops answering still times out."""
+        every = min(WORKING_EVERY_S, self.cfg.timeouts.commit_vote_timeout_ms / 4000)
         while True:
-            await asyncio.sleep(WORKING_EVERY_S)
+            await asyncio.sleep(every)
             for peer in self.peers:
                 gid = self.busy_with(peer)
                 w = self.out.get(peer)

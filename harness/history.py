@@ -38,6 +38,17 @@ COMPLETION_TYPES = ("ok", "fail", "info")
 FUNCTIONS = ("transfer", "read", "txn")
 
 
+class _SameValue:
+    """``History.complete``'s default: repeat the invocation's value (None is
+    a value a completion may carry)."""
+
+    def __repr__(self) -> str:
+        return "SAME_VALUE"
+
+
+SAME_VALUE: Any = _SameValue()
+
+
 @dataclass(frozen=True)
 class Op:
     """One event of a client operation (see the module docstring)."""
@@ -109,7 +120,7 @@ class History:
     def invoke(self, process: int, node: int, f: str, value: Any) -> Op:
         return self._append(process, node, "invoke", f, value, None)
 
-    def complete(self, invocation: Op, type_: str, value: Any = None,
+    def complete(self, invocation: Op, type_: str, value: Any = SAME_VALUE,
                  error: str | None = None) -> Op:
         """Record the completion of ``invocation``; ``value`` defaults to the
         invocation's value (what Jepsen does for fail and info)."""
@@ -118,7 +129,7 @@ class History:
         if type_ not in COMPLETION_TYPES:
             raise ValueError(f"completion type {type_!r} is not one of {COMPLETION_TYPES}")
         return self._append(invocation.process, invocation.node, type_, invocation.f,
-                            invocation.value if value is None else value, error)
+                            invocation.value if value is SAME_VALUE else value, error)
 
     # -- reading -----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ server is unreachable or its backends are paused."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -61,6 +62,7 @@ def server():
                        settings={"deadlock_timeout": "100ms"}).init().start()
     yield pg
     pg.destroy()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 RUN_S = 2.5

@@ -49,8 +49,8 @@ Rules it keeps:
   committed and applied (etcd-raft's semantics); a node with committed but
   unapplied changes does not campaign. A leader whose own removal is in its
   log refuses proposals (they would mostly be lost); once it applies the
-  removal it sends its followers the commit index, sends ``TIMEOUT_NOW`` to
-  its most caught-up voter if that one has the whole log, and steps down.
+  removal it sends ``TIMEOUT_NOW`` to its most caught-up voter if that one
+  has its whole log, and steps down.
 - **Learners** receive the log, never campaign, and never count for a quorum.
   A node that believes it is a learner still answers vote requests (it may
   have been promoted without having applied it yet, as in etcd-raft); only
@@ -717,9 +717,10 @@ class RaftNode:
             if self.id not in self._voters:
                 self._step_down_removed()
             else:
-                # A smaller quorum may commit more; new members hear from us now.
-                self._maybe_commit()
-                self._bcast_pending = True
+                if self._maybe_commit():
+                    self._bcast_pending = True      # a smaller quorum committed more
+                for i in sorted(members - before):
+                    self._send_append(i)            # a new member hears from us now
                 if self._lead_transferee != NONE and self._lead_transferee not in self._voters:
                     self._abort_transfer("transferee is no longer a voter")
         if self._debug:
@@ -989,11 +990,9 @@ class RaftNode:
         self._pending_conf_index = self._append_own(EntryType.NORMAL, b"")
 
     def _step_down_removed(self) -> None:
-        """The leader applied its own removal: tell the voters the commit
-        index, hand leadership to the most caught-up voter, step down."""
-        for i in sorted(self._prs):
-            if i != self.id:
-                self._send_append(i)
+        """The leader applied its own removal: hand leadership to the most
+        caught-up voter and step down. (The followers already have the commit
+        index of the removal: it left in the Ready that handed it out.)"""
         best = max((i for i in self._voters), key=lambda i: (self._prs[i].match, -i),
                    default=NONE)
         if best != NONE and self._prs[best].match == self.last_index:
@@ -1224,8 +1223,11 @@ class RaftNode:
         if self._bcast_pending and self._role is Role.LEADER:
             self._bcast_pending = False
             for i in sorted(self._prs):
-                if i != self.id:
-                    self._send_append(i)
+                # One append each (an empty one carries the commit index), then
+                # as many more as flow control allows.
+                if i != self.id and self._send_append(i):
+                    while self._send_append(i, send_if_empty=False):
+                        pass
 
     def _send_append(self, to: int, send_if_empty: bool = True) -> bool:
         pr = self._prs[to]
@@ -1573,7 +1575,10 @@ def _decode_message(data: bytes) -> Message:
             raise DecodeError("entry terms must not decrease nor exceed the message term")
         prev_term = et
         if ety == EntryType.CONF_CHANGE:
-            decode_conf_change(d)
+            try:
+                decode_conf_change(d)
+            except DecodeError as e:
+                raise DecodeError(f"entry {index + 1 + i}: bad conf change: {e}") from None
         entries.append(Entry(index + 1 + i, et, EntryType(ety), d))
     snap = _get_snapshot(r) if flags & _FLAG_SNAPSHOT else None
     if (typ is MsgType.SNAP) != (snap is not None):

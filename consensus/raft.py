@@ -1347,7 +1347,7 @@ def format_entry(e: Entry) -> str:
     if not e.data:
         return f"{e.index}/{e.term}"
     text = e.data.decode("utf-8", "backslashreplace")
-    return f"{e.index}/{e.term} {text!r}" if not text.isidentifier() else f"{e.index}/{e.term} {text}"
+    return f"{e.index}/{e.term} " + (text if text.isidentifier() else repr(text))
 
 
 def format_message(m: Message) -> str:

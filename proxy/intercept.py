@@ -27,6 +27,8 @@ import pglast
 from pglast import ast
 from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
 
+from common.sql import quote_ident, quote_literal
+
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
 # A client's own PREPARE TRANSACTION, and COMMIT/ROLLBACK PREPARED of it.
 USER_PREPARE, USER_FINISH = "user_prepare", "user_finish"
@@ -299,16 +301,6 @@ def _classify(sql: str, stmts) -> Plan:
         return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop,
                     staged=staged, rels=rels)
     return Plan(PASS)
-
-
-def quote_literal(s: str) -> str:
-    """A standard-conforming SQL string literal."""
-    return "'" + s.replace("'", "''") + "'"
-
-
-def quote_ident(name: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False,

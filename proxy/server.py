@@ -28,7 +28,7 @@ from typing import Callable
 
 from config import NodeConfig
 
-from . import log as mlog
+from common import log as mlog
 from . import wire
 from .session import (CancelQuery, Close, ConnectBackend, Phase, RegisterCancelKey, RunCommit,
                       RunRelease, SendClient, SendServer, Session, StartTLS)

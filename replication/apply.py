@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from proxy.intercept import quote_ident, quote_literal
+from common.sql import quote_ident, quote_literal
 
 from . import pgoutput as po
 

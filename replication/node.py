@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 
 from config import NodeConfig, parse_address
-from proxy import log as mlog
+from common import log as mlog
 
 from . import commit as cp
 from . import link

@@ -26,7 +26,7 @@ from typing import AsyncIterator
 import psycopg
 from psycopg import pq
 
-from proxy.intercept import quote_literal
+from common.sql import quote_literal
 
 from . import pgoutput as po
 

@@ -1,0 +1,3 @@
+"""Helpers shared by every layer (config < common < replication, consensus
+< proxy): SQL quoting, structured logging, failpoints. Nothing here imports
+another mmproxy package."""

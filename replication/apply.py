@@ -31,11 +31,21 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
   ``mtm_node_<peer>_<k>``; PostgreSQL 15 lets one session at a time use an
   origin), and every applied transaction records its gid (or, for a plain
   commit, its end LSN) in ``mtm.applied``, in the transaction itself.
-- Replay is normal (a restarted stream resends what was not confirmed).
-  With parallel apply a transaction below the highest applied LSN may or
-  may not have been applied, so such a transaction is looked up: prepared
-  here (pg_prepared_xacts) - vote again; committed here (``mtm.applied``)
-  - skip it; neither - apply it.
+- Replay is normal: a restarted stream resends from the slot's confirmed
+  position, which may lag far behind what was applied here (a slot's
+  confirmed position reaches disk only at checkpoints, so after a crash of
+  the peer's PostgreSQL it can go back minutes). Three zones, by the
+  transaction's end LSN E in the peer's stream:
+  - E <= the *apply horizon* (``mtm.apply_progress``, durable, advanced
+    by the node together with the trimming of ``mtm.applied``, in one
+    transaction): everything up to it is done here: ``Skipped``, with no
+    look-up (a replay after a crash of the peer's server can be long).
+  - horizon < E <= the highest LSN applied by any applier of that peer
+    (the origins' progress): it may or may not have been applied (apply is
+    parallel), so it is looked up: prepared here - vote again; committed
+    here (``mtm.applied``, which keeps every row above the horizon) -
+    skip it; neither - apply it.
+  - above: applied.
 - DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
   order with the rows, and is run with the session context it was captured
   with; rows that the DDL statement made itself (CREATE TABLE AS) are
@@ -78,6 +88,13 @@ class PrepareFailed:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A resent transaction at or below the apply horizon: done here before
+    (committed, or rolled back), nothing to do or say."""
+    gid: str | None
+
+
+@dataclass(frozen=True)
 class Finished:
     """COMMIT/ROLLBACK (PREPARED) done locally."""
     gid: str | None
@@ -98,17 +115,21 @@ APPLIED_STATE_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid =
                      "AND database = current_database()), "
                      "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)")
 APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
-                     "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL)")
+                     "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL); "
+                     "CREATE TABLE IF NOT EXISTS mtm.apply_progress "
+                     "(peer int PRIMARY KEY, lsn pg_lsn NOT NULL)")
+
 
 
 class Applier:
     def __init__(self, conn: psycopg.AsyncConnection, peer_id: int, *,
-                 lock_timeout_ms: int = 1000, worker: int = 0):
+                 lock_timeout_ms: int = 1000, worker: int = 0, log=None):
         assert conn.autocommit, "the applier manages transactions itself"
         self.conn = conn
         self.peer_id = peer_id
         self.origin = origin_name(peer_id) + (f"_{worker}" if worker else "")
         self.lock_timeout_ms = lock_timeout_ms
+        self.log = log
         self.relations: dict[int, po.Relation] = {}
         self._in_txn = False
         self._gid: str | None = None
@@ -117,6 +138,7 @@ class Applier:
         self._commit_lsn = 0
         self._commit_ts = 0
         self._applied_lsn = 0      # highest applied at setup: older may be a replay
+        self._horizon_lsn = 0      # durable: everything up to it is done here
         self._replay = None        # what to answer for an already applied transaction
         self._key_lsn = 0          # end LSN the transaction being applied is known by
         # Consecutive inserts into one table are applied together: a
@@ -142,7 +164,7 @@ class Applier:
         await c.execute("SET check_function_bodies = off")
         await c.execute("SET session_replication_role = replica")
         await c.execute("SET standard_conforming_strings = on")   # see _quote
-        if not (await (await c.execute("SELECT to_regclass('mtm.applied') IS NOT NULL"))
+        if not (await (await c.execute("SELECT to_regclass('mtm.apply_progress') IS NOT NULL"))
                 .fetchone())[0]:
             try:   # init-cluster makes it; a bare server (tests) gets it here
                 await c.execute("CREATE SCHEMA IF NOT EXISTS mtm")
@@ -151,11 +173,18 @@ class Applier:
                     psycopg.errors.DuplicateSchema):
                 pass    # another applier made it at the same time
         self._applied_lsn = await self.applied_lsn()
+        row = await (await c.execute("SELECT lsn FROM mtm.apply_progress WHERE peer = %s",
+                                     (self.peer_id,))).fetchone()
+        self._horizon_lsn = po.parse_lsn(row[0]) if row else 0
 
     @property
     def idle(self) -> bool:
         """Between transactions."""
         return not self._in_txn and self._replay is None
+
+    @property
+    def horizon_lsn(self) -> int:
+        return self._horizon_lsn
 
     async def applied_lsn(self) -> int:
         """The highest LSN of the peer applied by any of its appliers."""
@@ -172,6 +201,11 @@ class Applier:
     async def _replay_answer(self, gid: str | None, end: int):
         """A transaction at or below the highest applied LSN: applied
         already (the answer to give for it), or None to apply it."""
+        if end <= self._horizon_lsn:
+            # Done here: committed, rolled back, or prepared and voted for.
+            # A coordinator still waiting for that vote retransmits its
+            # VoteRequest, answered from the database (node.py _protocol).
+            return Skipped(gid)
         prepared, applied = await (await self.conn.execute(
             APPLIED_STATE_SQL, (gid or "", self._applied_key(gid, end)))).fetchone()
         if gid is not None and prepared:
@@ -192,10 +226,18 @@ class Applier:
         if cls is po.Begin or cls is po.BeginPrepare:
             end = msg.final_lsn if cls is po.Begin else msg.end_lsn
             gid = getattr(msg, "gid", None)
-            if end <= self._applied_lsn:
+            if end <= max(self._applied_lsn, self._horizon_lsn):
                 self._replay = await self._replay_answer(gid, end)
+                if self.log is not None:
+                    self.log.debug("apply_replay", peer=self.peer_id, gid=gid,
+                                   end=po.lsn_str(end), horizon=po.lsn_str(self._horizon_lsn),
+                                   applied=po.lsn_str(self._applied_lsn),
+                                   answer=type(self._replay).__name__)
                 if self._replay is not None:
                     return None
+            elif self.log is not None:
+                self.log.debug("apply_fresh", peer=self.peer_id, gid=gid, end=po.lsn_str(end),
+                               applied=po.lsn_str(self._applied_lsn))
             await self._begin(gid)
             self._key_lsn = end
             self._commit_lsn = end
@@ -349,6 +391,12 @@ class Applier:
             self._add(self._origin_position())
             self._add(prepare)
             await self._send_batch()
+        except psycopg.errors.DuplicateObject:
+            # 42710: this gid is prepared here already - by an applier of a
+            # previous life of this node that finished it after we read the
+            # positions. It is the same transaction: vote for it.
+            await self._rollback()
+            return Prepared(msg.gid)
         except psycopg.Error as e:
             # A failed PREPARE rolls the transaction back (PG15-FACTS); a
             # failure before it leaves the transaction aborted.

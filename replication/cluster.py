@@ -80,8 +80,15 @@ CREATE TABLE IF NOT EXISTS mtm.nodes (id int PRIMARY KEY, is_self bool NOT NULL,
 CREATE TABLE IF NOT EXISTS mtm.node_state (
   id int PRIMARY KEY, status text NOT NULL, gen_num bigint NOT NULL, gen_members int[] NOT NULL,
   connected int[] NOT NULL, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+-- Precommit records of the commit protocol: state 'p' = precommitted here;
+-- 'x' = fenced: this node promised never to acknowledge a precommit of the
+-- gid (a recovering coordinator asked; replication/commit.py).
 CREATE TABLE IF NOT EXISTS mtm.precommits (gid text PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+ALTER TABLE mtm.precommits ADD COLUMN IF NOT EXISTS state "char" NOT NULL DEFAULT 'p';
 CREATE TABLE IF NOT EXISTS mtm.applied (key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL);
+-- Per peer: every transaction of its stream ending at or below lsn is done
+-- here (replication/apply.py, the apply horizon).
+CREATE TABLE IF NOT EXISTS mtm.apply_progress (peer int PRIMARY KEY, lsn pg_lsn NOT NULL);
 CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
 
 CREATE OR REPLACE FUNCTION mtm.commit_guard() RETURNS trigger LANGUAGE plpgsql AS $f$

@@ -32,8 +32,25 @@ Transaction Commit"):
   member keeps working on it; only a member that stops answering runs out
   the timeout.
 - After the precommit the outcome is commit, always: the coordinator keeps
-  retransmitting until it is done. (A coordinator that *crashes* after
-  precommitting leaves the gid to the resolver of the recovery layer.)
+  retransmitting until it is done.
+- Bounded waits after the vote: a precommit majority that does not form
+  within ``vote_timeout_ms`` (every member that could give it silent)
+  answers the client 40003 (outcome not known yet) while the coordinator
+  keeps trying; commit acknowledgements missing from members silent that
+  long answer the client COMMIT with a warning naming them (the
+  transaction is committed and durable on a majority; they apply it when
+  they catch up).
+- Recovery of a coordinator's own gids after a restart (``recover``): a
+  gid it finds prepared here but no longer knows is decided by the rule of
+  Gray & Lamport's Paxos Commit with a single proposer (GENERATIONS.md
+  section 5): COMMIT if a precommit record of it exists anywhere (its own,
+  or a member's) or a member committed it; ABORT once a majority of the
+  configured nodes, itself included, is *fenced* with no precommit. A
+  fenced node has durably promised never to acknowledge a precommit of
+  that gid (``mtm.precommits`` row with state 'x'), so a commit majority
+  and an abort majority can never both exist. A client's own PREPARE
+  TRANSACTION (``MTM-...:x``) is not decided: it is held again, as
+  PostgreSQL keeps a prepared transaction across a restart.
 - Conflicts between prepared transactions are settled by age (wound-wait):
   a ``Wound`` from a node whose applier waits on this transaction aborts
   it if it is younger than the one waiting and still collecting votes.
@@ -49,6 +66,7 @@ and aborted; ``CommitLocal`` only after a majority of precommits;
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 
 # SQLSTATEs the client sees when the protocol aborts its transaction.
@@ -176,6 +194,27 @@ class CommitAck:
     sender: int
 
 
+@dataclass(frozen=True)
+class TxStatusQuery:
+    """A coordinator recovering ``gid`` after a restart asks a member what
+    it holds; the member fences itself first (never acknowledges a
+    precommit of ``gid`` afterwards, unless it already has)."""
+    gid: str
+    sender: int
+
+
+# TxStatus.state: a precommit record exists, the member committed it, or
+# the member is fenced without a precommit.
+PRECOMMITTED, COMMITTED, FENCED = "precommitted", "committed", "fenced"
+
+
+@dataclass(frozen=True)
+class TxStatus:
+    gid: str
+    sender: int
+    state: str
+
+
 # --- actions for the shells --------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -186,14 +225,31 @@ class Send:
 
 @dataclass(frozen=True)
 class Persist:
-    """Record durably that ``gid`` is precommitted here, before going on."""
+    """Participant: record durably that ``gid`` is precommitted here (unless
+    this node is fenced for it), then report with ``Participant.persisted``;
+    the acknowledgement is sent only after that."""
+    gid: str
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Participant: durably promise never to acknowledge a precommit of
+    ``gid`` (unless one is recorded already), look up what this node holds,
+    and report with ``Participant.fenced``."""
+    gid: str
+
+
+@dataclass(frozen=True)
+class FenceOwn:
+    """Coordinator recovering ``gid``: fence itself as ``Fence`` does, and
+    report the record found with ``Coordinator.own_fenced``."""
     gid: str
 
 
 @dataclass(frozen=True)
 class PersistOwn:
-    """Coordinator: record durably that ``gid`` is precommitted here, then
-    report it with ``Coordinator.persisted``. The Precommits to the members
+    """Coordinator: record durably that ``gid`` is precommitted here (unless
+    fenced), then report it with ``Coordinator.persisted``. The Precommits to the members
     are sent first (they are in the same list, before this), so the
     members' records are written while this one is: the coordinator's own
     precommit counts only once it is durable."""
@@ -220,11 +276,14 @@ class FinishLocal:
 
 @dataclass(frozen=True)
 class Reply:
-    """Tell the client: committed, or aborted with SQLSTATE and message."""
+    """Tell the client: committed (with a ``warning`` when some member did
+    not confirm in time), or not, with SQLSTATE and message (40003: the
+    outcome is not known yet)."""
     gid: str
     committed: bool
     sqlstate: str = ""
     message: str = ""
+    warning: str = ""
 
 
 class ProtocolInvariantError(AssertionError):
@@ -233,8 +292,10 @@ class ProtocolInvariantError(AssertionError):
 
 # --- coordinator -------------------------------------------------------------------
 
-VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE, HELD = (
-    "voting", "precommitting", "committing", "waiting_acks", "aborting", "done", "held")
+VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE, HELD, RESOLVING = (
+    "voting", "precommitting", "committing", "waiting_acks", "aborting", "done", "held",
+    "resolving")
+STATEMENT_COMPLETION_UNKNOWN = "40003"
 
 
 @dataclass
@@ -247,11 +308,16 @@ class _CoordTxn:
     precommit_acks: set = field(default_factory=set)
     commit_acks: set = field(default_factory=set)
     last_retry_ms: int = 0
+    phase_ms: int = 0                # when the current phase (precommit, acks) began
     reply: Reply | None = None
     committed_local: bool = False
     aborted_local: bool = False
     hold: bool = False               # a client's PREPARE TRANSACTION: wait for a Release
     requester: int | None = None     # the node whose Release decides it
+    answered: bool = False           # the client (or requester) has had its answer
+    recovered: bool = False          # found after a restart: nobody waits for it
+    fenced: set = field(default_factory=set)           # RESOLVING: fenced, no precommit
+    own_fenced: bool = False         # our own precommit record is refused (state 'x')
 
     @property
     def peers(self) -> frozenset[int]:
@@ -280,7 +346,64 @@ class Coordinator:
         assert gid not in self.txns, gid
         t = self.txns[gid] = _CoordTxn(gid, self.generation, now_ms, last_retry_ms=now_ms,
                                        hold=hold)
-        return self._maybe_precommit(t)
+        return self._maybe_precommit(t, now_ms)
+
+    def knows(self, gid: str) -> bool:
+        return gid in self.txns
+
+    def recover(self, gid: str, own: str | None, now_ms: int,
+                generation: Generation | None = None) -> list:
+        """``gid`` (ours) is prepared here and unknown to this coordinator
+        (we restarted, or lost our local database connection): decide it.
+        ``own`` is our own precommit record's state: 'p', 'x' or None."""
+        if gid in self.txns:
+            return []
+        gen = generation or self.generation
+        t = self.txns[gid] = _CoordTxn(gid, gen, now_ms, last_retry_ms=now_ms,
+                                       phase_ms=now_ms, recovered=True)
+        if USER_GID_SEP in gid:
+            # A client's own prepared transaction: held until its COMMIT/
+            # ROLLBACK PREPARED, whose release collects the votes again.
+            t.state, t.hold, t.answered = HELD, True, True
+            return []
+        if own == "p":
+            return self._decide_commit(t)
+        if own is None:
+            t.state = RESOLVING
+            return [FenceOwn(gid)]
+        t.own_fenced = True
+        return self._resolve(t)
+
+    def own_fenced(self, gid: str, own: str, now_ms: int) -> list:
+        """FenceOwn done: ``own`` is the record now there ('p' if a precommit
+        of our previous life got there first, else 'x')."""
+        t = self.txns.get(gid)
+        if t is None or t.state != RESOLVING:
+            return []
+        if own == "p":
+            return self._decide_commit(t)
+        t.own_fenced = True
+        return self._resolve(t)
+
+    def _resolve(self, t: _CoordTxn) -> list:
+        t.state = RESOLVING
+        if len(t.fenced) + 1 >= t.generation.majority:
+            # A majority, us included, is fenced with no precommit: no
+            # commit majority can ever form (Paxos Commit, GENERATIONS.md 5).
+            t.state = ABORTING
+            t.reply = Reply(t.gid, False, TRANSACTION_ROLLBACK, "recovered after a restart: "
+                            "no precommit was recorded, rolled back")
+            t.answered = True
+            return [AbortLocal(t.gid)]
+        return [Send(p, TxStatusQuery(t.gid, self.node_id))
+                for p in sorted(self._peers(t) - t.fenced)]
+
+    def _decide_commit(self, t: _CoordTxn) -> list:
+        """A precommit exists (or a member committed): the outcome is commit."""
+        t.state = COMMITTING
+        t.answered = True
+        t.precommit_acks.add(self.node_id)
+        return [CommitLocal(t.gid)]
 
     def release(self, gid: str, commit: bool, requester: int, now_ms: int) -> list:
         """Commit or roll back the held ``gid`` for ``requester`` (a node id,
@@ -292,10 +415,15 @@ class Coordinator:
             return self._answer(requester, r)
         t.hold = False
         t.requester = requester
+        t.answered = False
         t.state = VOTING
         t.started_ms = t.last_retry_ms = now_ms
+        if t.recovered:
+            t.recovered = False
+            t.votes.clear()     # collect them again: we kept none across the restart
         if commit:
-            return self._maybe_precommit(t)
+            return self._maybe_precommit(t, now_ms) + [Send(p, VoteRequest(gid, self.node_id))
+                                               for p in sorted(self._peers(t) - set(t.votes))]
         return self._abort(t, "", "rolled back")
 
     def _answer(self, requester: int | None, r: Reply) -> list:
@@ -303,6 +431,13 @@ class Coordinator:
             return [r]
         return [r, Send(requester, Outcome(r.gid, self.node_id, r.committed, r.sqlstate,
                                            r.message))]
+
+    def _tell(self, t: _CoordTxn, r: Reply) -> list:
+        """The client's (or requester's) one answer for this phase."""
+        if t.answered:
+            return []
+        t.answered = True
+        return self._answer(t.requester, r)
 
     def receive(self, msg, now_ms: int) -> list:
         if msg.__class__ is Working:
@@ -331,7 +466,7 @@ class Coordinator:
             t.votes[msg.sender] = msg
             if not msg.ok:
                 return self._abort(t, *self._client_error(msg))
-            return self._maybe_precommit(t)
+            return self._maybe_precommit(t, now_ms)
         if cls is PrecommitAck:
             if t.state != PRECOMMITTING:
                 return []
@@ -340,6 +475,15 @@ class Coordinator:
         if cls is CommitAck:
             t.commit_acks.add(msg.sender)
             return self._maybe_reply(t)
+        if cls is TxStatus:
+            if t.state != RESOLVING:
+                return []
+            if msg.state in (PRECOMMITTED, COMMITTED):
+                return self._decide_commit(t)
+            if msg.sender in t.fenced or not t.own_fenced:
+                return []
+            t.fenced.add(msg.sender)
+            return self._resolve(t) if len(t.fenced) + 1 >= t.generation.majority else []
         return []
 
     def _client_error(self, v: Vote) -> tuple[str, str]:
@@ -350,21 +494,25 @@ class Coordinator:
         return (v.sqlstate or TRANSACTION_ROLLBACK,
                 f"transaction aborted: node {v.sender} could not apply it: {v.message}")
 
-    def _maybe_precommit(self, t: _CoordTxn) -> list:
+    def _maybe_precommit(self, t: _CoordTxn, now_ms: int) -> list:
         if t.state != VOTING or len(t.votes) < len(self._peers(t)):
             return []
         if t.hold:
             t.state = HELD
-            return [Reply(t.gid, True)]     # prepared on every member
+            return self._tell(t, Reply(t.gid, True))     # prepared on every member
         t.state = PRECOMMITTING
+        t.phase_ms = now_ms
         out: list = [Send(p, Precommit(t.gid, self.node_id)) for p in sorted(self._peers(t))]
         return out + [PersistOwn(t.gid)]
 
-    def persisted(self, gid: str, now_ms: int) -> list:
-        """The PersistOwn of ``gid`` is durable: it counts towards the
-        majority."""
+    def persisted(self, gid: str, now_ms: int, ok: bool = True) -> list:
+        """The PersistOwn of ``gid`` is done: durable (``ok``), or refused
+        because this node is fenced for it (it then does not count)."""
         t = self.txns.get(gid)
         if t is None or t.state != PRECOMMITTING:
+            return []
+        if not ok:
+            t.own_fenced = True
             return []
         t.precommit_acks.add(self.node_id)
         return self._maybe_commit(t)
@@ -382,21 +530,25 @@ class Coordinator:
             assert t.state == COMMITTING
             t.committed_local = True
             t.state = WAITING_ACKS
-            t.last_retry_ms = now_ms
+            t.last_retry_ms = t.phase_ms = now_ms
             return self._maybe_reply(t)
         assert t.state == ABORTING
         t.aborted_local = True
         t.state = DONE
-        return self._answer(t.requester, t.reply)
+        out = self._tell(t, t.reply) if not t.recovered else []
+        del self.txns[gid]
+        return out
 
-    def _maybe_reply(self, t: _CoordTxn) -> list:
+    def _maybe_reply(self, t: _CoordTxn, warning: str = "") -> list:
         if t.state != WAITING_ACKS:
             return []
-        if self.wait_peer_commits and not self._peers(t) <= t.commit_acks:
+        if self.wait_peer_commits and not warning and not self._peers(t) <= t.commit_acks:
             return []
         t.state = DONE
-        t.reply = Reply(t.gid, True)
-        return self._answer(t.requester, t.reply)
+        t.reply = Reply(t.gid, True, warning=warning)
+        out = self._tell(t, t.reply) if not t.recovered or t.requester is not None else []
+        del self.txns[t.gid]
+        return out
 
     def _abort(self, t: _CoordTxn, sqlstate: str, message: str) -> list:
         assert t.state == VOTING, "after the precommit the outcome is commit"
@@ -407,25 +559,52 @@ class Coordinator:
     def generation_changed(self, gen: Generation, now_ms: int) -> list:
         self.generation = gen
         out = []
-        for t in self.txns.values():
+        for t in list(self.txns.values()):
             if t.state == VOTING and t.generation.num != gen.num:
                 out += self._abort(t, TRANSACTION_ROLLBACK,
                                    "transaction aborted because the cluster switched to "
                                    f"generation {gen.num} while it was being prepared")
         return out
 
+    def _silent(self, t: _CoordTxn, waiting_for, since_ms: int, now_ms: int) -> list[int]:
+        """Members in ``waiting_for`` that have said nothing (not even
+        Working) for ``vote_timeout_ms`` since ``since_ms``."""
+        return sorted(p for p in waiting_for
+                      if now_ms - max(since_ms, self.working_ms.get(p, since_ms))
+                      >= self.vote_timeout_ms)
+
     def tick(self, now_ms: int) -> list:
         out: list = []
-        for t in self.txns.values():
+        for t in list(self.txns.values()):
             if t.state == VOTING and now_ms - t.started_ms >= self.vote_timeout_ms:
-                silent = sorted(p for p in self._peers(t) - set(t.votes)
-                                if now_ms - max(t.started_ms, self.working_ms.get(p, t.started_ms))
-                                >= self.vote_timeout_ms)
+                silent = self._silent(t, self._peers(t) - set(t.votes), t.started_ms, now_ms)
                 if silent:
                     out += self._abort(t, TRANSACTION_ROLLBACK,
                                        f"transaction aborted: no answer from node(s) "
                                        f"{', '.join(map(str, silent))} for "
                                        f"{self.vote_timeout_ms} ms")
+                    continue
+            elif (t.state == PRECOMMITTING and not t.answered
+                  and now_ms - t.phase_ms >= self.vote_timeout_ms):
+                missing = self._peers(t) - t.precommit_acks
+                silent = self._silent(t, missing, t.phase_ms, now_ms)
+                # Only when the majority can no longer form without a silent one.
+                if silent and len(t.precommit_acks) + len(missing) - len(silent) \
+                        < t.generation.majority:
+                    out += self._tell(t, Reply(
+                        t.gid, False, STATEMENT_COMPLETION_UNKNOWN,
+                        f"the outcome of this commit is not known yet: node(s) "
+                        f"{', '.join(map(str, silent))} did not confirm the precommit within "
+                        f"{self.vote_timeout_ms} ms; node {self.node_id} keeps trying and the "
+                        f"transaction {t.gid} will commit once a majority has confirmed"))
+            elif t.state == WAITING_ACKS and now_ms - t.phase_ms >= self.vote_timeout_ms:
+                silent = self._silent(t, self._peers(t) - t.commit_acks, t.phase_ms, now_ms)
+                if silent:
+                    out += self._maybe_reply(t, warning=(
+                        f"the transaction is committed, but node(s) "
+                        f"{', '.join(map(str, silent))} did not confirm within "
+                        f"{self.vote_timeout_ms} ms that they applied it; they will apply it "
+                        f"when they catch up, and reads there may not see it until then"))
                     continue
             if now_ms - t.last_retry_ms < self.retry_ms:
                 continue
@@ -441,26 +620,39 @@ class Coordinator:
                 t.last_retry_ms = now_ms
                 out += [Send(p, Decision(t.gid, self.node_id, True))
                         for p in sorted(self._peers(t) - t.commit_acks)]
+            elif t.state == RESOLVING and t.own_fenced:
+                t.last_retry_ms = now_ms
+                out += [Send(p, TxStatusQuery(t.gid, self.node_id))
+                        for p in sorted(self._peers(t) - t.fenced)]
         return out
 
     def forget(self, gid: str) -> None:
-        """The client has its answer; drop the state (retransmissions for a
-        forgotten gid are ignored by the participants' idempotent handlers)."""
+        """Kept for the shells: a finished transaction is dropped by the
+        core itself once its answer is out."""
         t = self.txns.get(gid)
         if t is not None and t.state == DONE:
             del self.txns[gid]
+
+    def reset(self) -> list[str]:
+        """Forget every transaction (the local database connection was lost:
+        what was in flight is decided again by ``recover``). Returns the
+        gids whose clients were still waiting."""
+        waiting = [g for g, t in self.txns.items() if not t.answered]
+        self.txns.clear()
+        return waiting
 
     def check_invariants(self) -> None:
         for t in self.txns.values():
             if t.committed_local and t.aborted_local:
                 raise ProtocolInvariantError(f"{t.gid} both committed and aborted")
-            if t.state in (COMMITTING, WAITING_ACKS) or t.committed_local:
+            if (t.state in (COMMITTING, WAITING_ACKS) or t.committed_local) and not t.recovered:
                 if len(t.precommit_acks) < t.generation.majority:
                     raise ProtocolInvariantError(f"{t.gid} committed without a majority")
             if t.reply is not None and t.reply.committed:
                 if not t.committed_local:
                     raise ProtocolInvariantError(f"{t.gid} reported before the local commit")
-                if self.wait_peer_commits and not self._peers(t) <= t.commit_acks:
+                if self.wait_peer_commits and not t.reply.warning \
+                        and not self._peers(t) <= t.commit_acks:
                     raise ProtocolInvariantError(f"{t.gid} reported before the members")
 
 
@@ -471,7 +663,9 @@ class _PartTxn:
     gid: str
     coordinator: int
     vote: Vote | None = None
-    precommitted: bool = False
+    precommitted: bool = False        # our precommit record is durable
+    persisting: bool = False          # Persist issued, not yet reported
+    fenced: bool = False              # we promised never to acknowledge a precommit
     finished: bool | None = None      # True committed, False rolled back
     finishing: bool = False           # FinishLocal issued, not yet done
 
@@ -484,7 +678,7 @@ class Participant:
         self.generation = generation
         self.txns: dict[str, _PartTxn] = {}
         self.max_finished = max_finished
-        self._finished_order: list[str] = []
+        self._finished_order: deque[str] = deque()
 
     def _txn(self, gid: str) -> _PartTxn | None:
         t = self.txns.get(gid)
@@ -518,11 +712,14 @@ class Participant:
         if cls is VoteRequest:
             return [Send(t.coordinator, t.vote)] if t.vote is not None else []
         if cls is Precommit:
-            if t.finished is not None or t.vote is None or not t.vote.ok:
+            if t.finished is not None or t.vote is None or not t.vote.ok or t.fenced:
                 return []
-            out: list = [] if t.precommitted else [Persist(t.gid)]
-            t.precommitted = True
-            return out + [Send(t.coordinator, PrecommitAck(t.gid, self.node_id))]
+            if t.precommitted:
+                return [Send(t.coordinator, PrecommitAck(t.gid, self.node_id))]
+            if t.persisting:
+                return []
+            t.persisting = True
+            return [Persist(t.gid)]
         if cls is Decision:
             if t.finished is not None:
                 return [Send(t.coordinator, CommitAck(t.gid, self.node_id))] \
@@ -530,7 +727,34 @@ class Participant:
             if t.vote is not None and t.vote.ok and not t.finishing:
                 t.finishing = True
                 return [FinishLocal(t.gid, msg.commit)]
+        if cls is TxStatusQuery:
+            return [Fence(t.gid)]
         return []
+
+    def persisted(self, gid: str, ok: bool) -> list:
+        """Persist done: our precommit record is durable (``ok``), or we are
+        fenced for ``gid`` and must not acknowledge."""
+        t = self._txn(gid)
+        if t is None:
+            return []
+        t.persisting = False
+        if not ok:
+            t.fenced = True
+            return []
+        t.precommitted = True
+        return [Send(t.coordinator, PrecommitAck(t.gid, self.node_id))]
+
+    def fenced(self, gid: str, precommitted: bool, committed: bool) -> list:
+        """Fence done: the record is 'p' (``precommitted``) or now 'x'."""
+        t = self._txn(gid)
+        if t is None:
+            return []
+        if precommitted:
+            t.precommitted = True
+        else:
+            t.fenced = True
+        state = COMMITTED if committed else PRECOMMITTED if precommitted else FENCED
+        return [Send(t.coordinator, TxStatus(gid, self.node_id, state))]
 
     def recovered(self, gid: str, prepared: bool, committed: bool) -> None:
         """What this node's database says of ``gid`` when the participant
@@ -564,13 +788,26 @@ class Participant:
         if first:
             self._finished_order.append(gid)
             while len(self._finished_order) > self.max_finished:
-                self.txns.pop(self._finished_order.pop(0), None)
+                self.txns.pop(self._finished_order.popleft(), None)
         # Only a member that prepared the transaction here can say it
         # committed it here (a COMMIT PREPARED of a gid we never prepared
         # changes nothing on this node).
         voted_ok = t.vote is not None and t.vote.ok
         return [Send(t.coordinator, CommitAck(gid, self.node_id))] if committed and voted_ok \
             else []
+
+    def action_failed(self, gid: str) -> None:
+        """A Persist, Fence or FinishLocal could not be carried out: forget
+        that it was under way (the coordinator's retransmission retries)."""
+        t = self.txns.get(gid)
+        if t is not None:
+            t.persisting = t.finishing = False
+
+    def reset(self) -> None:
+        """Forget everything (the local database connection was lost); what
+        matters is durable and is looked up again (``recovered``)."""
+        self.txns.clear()
+        self._finished_order.clear()
 
     def generation_changed(self, gen: Generation) -> None:
         self.generation = gen

@@ -28,7 +28,8 @@ _I = struct.Struct("!I")
 
 _MSG_TYPES = {cls.__name__: cls for cls in (cp.Vote, cp.VoteRequest, cp.Precommit,
                                             cp.PrecommitAck, cp.Decision, cp.CommitAck,
-                                            cp.Wound, cp.Release, cp.Outcome, cp.Working)}
+                                            cp.Wound, cp.Release, cp.Outcome, cp.Working,
+                                            cp.TxStatusQuery, cp.TxStatus)}
 
 
 class LinkError(ValueError):

@@ -16,31 +16,38 @@ dropped. The slot is confirmed only up to what the peer acknowledged as
 durably applied, so a restart resends the rest (and the applier skips what
 its origin says it has).
 
-Crash story: nothing here is kept only in memory that matters after a
-crash. Prepared transactions and ``mtm.precommits`` rows are durable in
-PostgreSQL; the streams resume from the slots' confirmed positions; a
-coordinator that died between PREPARE and the reply leaves its gid prepared
-everywhere - resolving such gids is the recovery layer's job (next issue),
-not this one's.
+Crash story (replication/README.md, "Crash and restart"): nothing here is
+kept only in memory that matters after a crash. Prepared transactions,
+``mtm.precommits`` records and the apply horizon are durable in
+PostgreSQL; the streams resume from the slots' confirmed positions and the
+appliers recognise what they did already. At start, and whenever the local
+PostgreSQL was lost and is back, the node first ends every backend a
+previous life of this proxy left running (so none of them finishes a
+PREPARE or a precommit behind our back), then resolves its own gids that
+are prepared and that no client is waiting for (``_resolve_orphans``).
 """
 from __future__ import annotations
 
 import asyncio
 import struct
 import time
+import traceback
 from collections import deque
 
 import psycopg
-from psycopg import sql
 
-from config import NodeConfig, parse_address
+from common import failpoints
 from common import log as mlog
+from common.sql import quote_literal
+from config import NodeConfig, parse_address
 
 from . import commit as cp
 from . import link
 from . import pgoutput as po
-from .apply import APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared
+from .apply import (APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared,
+                    Skipped)
 from .cluster import PUBLICATION, slot_name
+from .pgpool import PgUnavailable, Pool
 from .stream import SlotStream, StreamError
 
 TICK_S = 0.05
@@ -54,6 +61,15 @@ WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
 # timeout would race the coordinator's clock).
 WORKING_EVERY_S = 1.0
 APPLIED_GC_INTERVAL_S = 10
+ORPHAN_SCAN_INTERVAL_S = 1.0
+# A gid handed to a session is its own until the session starts the
+# protocol with it; one still not started this long after is an orphan
+# (the session died between its PREPARE and the protocol).
+ISSUED_GRACE_S = 10
+POOL_SIZE = 4
+# Every backend this proxy opens carries an application_name starting so;
+# a previous life's are ended at start (``_fence_previous_life``).
+APP_PREFIX = "mmproxy "
 
 # For each waiting backend: who blocks it (pg_blocking_pids; 0 stands for
 # prepared transactions) and which prepared transactions hold a lock on the
@@ -105,6 +121,8 @@ class ReplicationNode:
         self._cancelled: dict[str, str] = {}
         # peer -> end LSN up to which all its transactions are applied here
         self.acked: dict[int, int] = {}
+        # peer -> end LSN up to which the peer reported our stream done there
+        self.peer_done: dict[int, int] = {}
         # proxy callback: end a client session's transaction with 40001
         self.wound_backend = wound_backend
         self.out: dict[int, asyncio.StreamWriter] = {}
@@ -117,7 +135,16 @@ class ReplicationNode:
         self.in_flight: dict[int, deque] = {p: deque() for p in self.peers}
         self.waiters: dict[str, asyncio.Future] = {}
         self._handlers: set = set()     # protocol messages being handled
-        self.pool: asyncio.Queue = asyncio.Queue()
+        self.pool = Pool(lambda: self._connect(application_name=APP_PREFIX + "pool"), POOL_SIZE,
+                         on_lost=self._pg_lost)
+        # gid -> when it was handed to a session (see ISSUED_GRACE_S)
+        self.issued: dict[str, float] = {}
+        # Set once the node can serve: the previous life's backends are
+        # gone. Cleared while the local PostgreSQL is unreachable.
+        self.ready = asyncio.Event()
+        # peer -> the first frame of a new link, read by a dispatcher that
+        # then restarted its receiver (see ``_dispatch``)
+        self._stash: dict[int, tuple] = {}
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
         # Each incoming connection of a peer is an epoch; frames of an older
@@ -133,21 +160,105 @@ class ReplicationNode:
                                                      autocommit=True, **kw)
 
     async def start(self) -> None:
-        for _ in range(4):
-            self.pool.put_nowait(await self._connect(application_name="mmproxy pool"))
+        await self._fence_previous_life()
         host, port = parse_address(self.cfg.node.internode_listen)
         self.server = await asyncio.start_server(self._incoming, host, port, reuse_address=True)
         for peer in self.peers:
-            self.tasks.append(asyncio.create_task(self._outgoing(peer)))
-            self.tasks.append(asyncio.create_task(self._sender(peer)))
-            self.tasks.append(asyncio.create_task(self._receiver(peer)))
-        self.tasks.append(asyncio.create_task(self._ticker()))
-        self.tasks.append(asyncio.create_task(self._publish_state()))
-        self.tasks.append(asyncio.create_task(self._conflict_watchdog()))
-        self.tasks.append(asyncio.create_task(self._forget_applied()))
-        self.tasks.append(asyncio.create_task(self._report_working()))
+            self._spawn(f"outgoing link to {peer}", self._outgoing, peer)
+            self._spawn(f"sender to {peer}", self._sender, peer)
+            self._spawn(f"receiver from {peer}", self._receiver, peer)
+        self._spawn("ticker", self._ticker)
+        self._spawn("state publisher", self._publish_state)
+        self._spawn("conflict watchdog", self._conflict_watchdog)
+        self._spawn("applied trimming", self._forget_applied)
+        self._spawn("working reports", self._report_working)
+        self._spawn("orphan resolver", self._resolve_orphans)
+        self.ready.set()
         self.log.info("replication_started", peers=sorted(self.peers),
                       generation=self.generation.num)
+
+    def send_to(self, peer: int, frame: bytes) -> bool:
+        """Write a frame on the link to ``peer`` if it is up. A transport
+        that closed under us (the link is going down; ``_outgoing`` will
+        notice) refuses writes with RuntimeError in uvloop: the frame is
+        dropped like any message on a failed link (everything is
+        retransmitted or resent from the slot)."""
+        w = self.out.get(peer)
+        if w is None or w.is_closing():
+            return False
+        w.write(frame)
+        return True
+
+    def _spawn(self, name: str, fn, *args) -> None:
+        """Run ``fn(*args)`` for the node's whole life: if it ever raises,
+        log the error with its traceback and start it again. A background
+        task that died silently would stop a peer's stream for good."""
+        async def supervise():
+            while True:
+                try:
+                    await fn(*args)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self.log.error("task_failed", task=name, error=repr(e),
+                                   traceback=traceback.format_exc())
+                    await asyncio.sleep(0.5)
+        self.tasks.append(asyncio.create_task(supervise(), name=name))
+
+    async def _fence_previous_life(self) -> None:
+        """End every backend a previous life of this proxy left behind
+        (appliers, pool connections, walsenders of our slots) and wait until
+        they are gone. Such a backend may still be running a PREPARE or a
+        precommit write it received before we died: positions, precommit
+        records and prepared gids are read only after it is gone."""
+        async with await self._connect(application_name=APP_PREFIX + "start") as conn:
+            for attempt in range(100):
+                rows = await (await conn.execute(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND (application_name LIKE %s OR pid IN "
+                    "(SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE "
+                    "'mtm\\_slot\\_%%'))", (APP_PREFIX + "%",))).fetchall()
+                if not rows:
+                    return
+                if attempt == 0:
+                    self.log.info("previous_life_fenced", backends=sorted(r[0] for r in rows))
+                await asyncio.sleep(0.05)
+            raise RuntimeError("backends of a previous mmproxy life did not exit")
+
+    def _pg_lost(self) -> None:
+        """The local PostgreSQL is unreachable: what the cores keep in memory
+        about transactions in flight may no longer match it (a crashed
+        server keeps prepared transactions, loses running ones). Forget it;
+        every client still waiting hears that the outcome is unknown; once
+        the server is back, the orphan resolver decides our prepared gids
+        and participants answer from the database."""
+        self.ready.clear()
+        waiting = self.coord.reset()
+        self.part.reset()
+        self.log.error("postgres_lost", transactions_in_flight=len(waiting))
+        for gid in waiting:
+            fut = self.waiters.pop(gid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(cp.Reply(
+                    gid, False, cp.STATEMENT_COMPLETION_UNKNOWN,
+                    "the connection to the local PostgreSQL server was lost while the "
+                    f"transaction {gid} was committing; its outcome is not known yet (it will be "
+                    "committed or rolled back everywhere once the server is back)"))
+        if not any(t.get_name() == "mmproxy-reconnect" for t in self.tasks if not t.done()):
+            self.tasks.append(asyncio.create_task(self._reconnect(), name="mmproxy-reconnect"))
+
+    async def _reconnect(self) -> None:
+        while True:
+            try:
+                await self._fence_previous_life()
+                break
+            except (psycopg.Error, OSError, RuntimeError):
+                await asyncio.sleep(0.2)
+        await self.pool.reset()
+        self.pool.lost = False
+        self.ready.set()
+        self.log.info("postgres_back")
 
     async def stop(self) -> None:
         for t in (*self.tasks, *self._handlers):
@@ -167,8 +278,7 @@ class ReplicationNode:
             w.close()
         for s in self.streams.values():
             await s.close()
-        while not self.pool.empty():
-            await self.pool.get_nowait().close()
+        await self.pool.close()
 
     # -- the commit protocol, for client sessions -----------------------------------
 
@@ -176,12 +286,22 @@ class ReplicationNode:
         # Microseconds since the epoch, strictly increasing: gids order by
         # when their commits began (wound-wait compares them).
         self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
-        return cp.make_gid(self.id, self.generation.num, self._seq)
+        gid = cp.make_gid(self.id, self.generation.num, self._seq)
+        self.issued[gid] = time.monotonic()
+        return gid
 
     async def commit(self, gid: str, hold: bool = False) -> cp.Reply:
         """``gid`` is prepared locally: run the protocol, return the outcome.
         With ``hold`` (a client's PREPARE TRANSACTION), stop once every
         member has prepared it; ``release`` finishes it."""
+        self.issued.pop(gid.split(cp.USER_GID_SEP, 1)[0], None)
+        failpoints.hit("after_local_prepare", self.log, gid=gid)
+        if not self.ready.is_set() or self.coord.knows(gid):
+            # The local server was lost between this session's PREPARE and
+            # now (the resolver owns the gid), or the resolver took it.
+            return cp.Reply(gid, False, cp.STATEMENT_COMPLETION_UNKNOWN,
+                            f"the local PostgreSQL server was lost while {gid} was being "
+                            "prepared; its outcome is not known yet")
         fut = asyncio.get_running_loop().create_future()
         self.waiters[gid] = fut
         await self.execute(self.coord.start(gid, _now_ms(), hold=hold))
@@ -200,11 +320,9 @@ class ReplicationNode:
             if owner == self.id:
                 await self.execute(self.coord.release(gid, commit, self.id, _now_ms()))
             else:
-                w = self.out.get(owner)
-                if w is None:
+                if not self.send_to(owner, link.protocol(cp.Release(gid, self.id, commit))):
                     return cp.Reply(gid, not commit, "08006",
                                     f"node {owner}, which prepared {gid}, is not connected")
-                w.write(link.protocol(cp.Release(gid, self.id, commit)))
             timeout = self.cfg.timeouts.commit_vote_timeout_ms / 1000
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -219,33 +337,125 @@ class ReplicationNode:
     # -- carrying out the cores' actions -------------------------------------------------
 
     async def execute(self, actions: list) -> None:
+        """Carry out the cores' actions in order. A database action that
+        fails leaves its transaction to be decided again: the coordinator
+        forgets it (its client hears the outcome is unknown) and the
+        orphan resolver decides it from the durable records; a participant
+        forgets what it was doing, and the coordinator's retransmission
+        makes it try again."""
+        if any(a.__class__ is cp.PersistOwn for a in actions):
+            failpoints.hit("after_votes", self.log)
         for a in actions:
             cls = a.__class__
             if cls is cp.Send:
-                w = self.out.get(a.to)
-                if w is not None and a.msg is not None:
-                    w.write(link.protocol(a.msg))
-            elif cls is cp.Persist or cls is cp.PersistOwn:
-                await self._sql("INSERT INTO mtm.precommits (gid) VALUES (%s) "
-                                "ON CONFLICT DO NOTHING", (a.gid,))
-                if cls is cp.PersistOwn:
-                    await self.execute(self.coord.persisted(a.gid, _now_ms()))
-            elif cls is cp.CommitLocal or cls is cp.AbortLocal:
-                commit = cls is cp.CommitLocal
-                await self._finish_prepared(a.gid, commit)
-                # One line per commit would flood an info-level log on a
-                # busy cluster; aborts are the interesting ones.
-                (self.log.debug if commit else self.log.info)(
-                    "transaction_decided", gid=a.gid, commit=commit)
-                await self.execute(self.coord.local_done(a.gid, commit, _now_ms()))
-            elif cls is cp.FinishLocal:
-                await self._finish_prepared(a.gid, a.commit)
-                await self.execute(self.part.finished(a.gid, a.commit))
-            elif cls is cp.Reply:
-                self.coord.forget(a.gid)
+                if a.msg is not None:
+                    self.send_to(a.to, link.protocol(a.msg))
+                continue
+            if cls is cp.Reply:
                 fut = self.waiters.pop(a.gid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(a)
+                continue
+            try:
+                await self._execute_db(a)
+            except (psycopg.Error, PgUnavailable) as e:
+                self.log.warning("protocol_action_failed", action=cls.__name__, gid=a.gid,
+                                 error=str(e).strip())
+                if cls in (cp.PersistOwn, cp.CommitLocal, cp.AbortLocal, cp.FenceOwn):
+                    self._coordinator_lost(a.gid)
+                else:
+                    self.part.action_failed(a.gid)
+
+    async def _execute_db(self, a) -> None:
+        cls = a.__class__
+        if cls is cp.PersistOwn:
+            ok = await self._record(a.gid, "p") == "p"
+            if ok:
+                failpoints.hit("after_precommit_durable", self.log, gid=a.gid)
+            await self.execute(self.coord.persisted(a.gid, _now_ms(), ok=ok))
+        elif cls is cp.Persist:
+            ok = await self._record(a.gid, "p") == "p"
+            await self.execute(self.part.persisted(a.gid, ok))
+            if ok:
+                failpoints.hit("member_after_precommit", self.log, gid=a.gid)
+        elif cls is cp.Fence:
+            state, committed = await self._fence(a.gid)
+            await self.execute(self.part.fenced(a.gid, state == "p", committed))
+        elif cls is cp.FenceOwn:
+            state, _ = await self._fence(a.gid)
+            await self.execute(self.coord.own_fenced(a.gid, state, _now_ms()))
+        elif cls is cp.CommitLocal or cls is cp.AbortLocal:
+            commit = cls is cp.CommitLocal
+            await self._finish_prepared(a.gid, commit)
+            if commit:
+                failpoints.hit("after_local_commit", self.log, gid=a.gid)
+            # One line per commit would flood an info-level log on a
+            # busy cluster; aborts are the interesting ones.
+            (self.log.debug if commit else self.log.info)(
+                "transaction_decided", gid=a.gid, commit=commit)
+            await self.execute(self.coord.local_done(a.gid, commit, _now_ms()))
+        elif cls is cp.FinishLocal:
+            await self._finish_prepared(a.gid, a.commit)
+            await self.execute(self.part.finished(a.gid, a.commit))
+
+    def _coordinator_lost(self, gid: str) -> None:
+        """A coordinator action on ``gid`` failed: forget it; the orphan
+        resolver decides it again from the durable records."""
+        self.coord.txns.pop(gid, None)
+        fut = self.waiters.pop(gid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(cp.Reply(
+                gid, False, cp.STATEMENT_COMPLETION_UNKNOWN,
+                f"the commit of {gid} was interrupted by an error on the local PostgreSQL "
+                "server; its outcome is not known yet (it will be committed or rolled back "
+                "everywhere shortly)"))
+
+    async def _record(self, gid: str, state: str) -> str:
+        """Write our precommit record ('p') or fence ('x') for ``gid`` unless
+        one is there already; return the record now there."""
+        row = await self._fetchone(
+            "WITH ins AS (INSERT INTO mtm.precommits (gid, state) VALUES (%s, %s) "
+            "ON CONFLICT (gid) DO NOTHING RETURNING state) "
+            "SELECT coalesce((SELECT state FROM ins), "
+            "(SELECT state FROM mtm.precommits WHERE gid = %s))", (gid, state, gid))
+        return row[0]
+
+    async def _fence(self, gid: str) -> tuple[str, bool]:
+        """Fence ourselves for ``gid``: (the record now there, committed here?)."""
+        state = await self._record(gid, "x")
+        row = await self._fetchone("SELECT EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)",
+                                   (gid,))
+        return state, bool(row[0])
+
+    async def _resolve_orphans(self) -> None:
+        """Decide our own gids that are prepared here and that no client is
+        waiting for: a previous life of this proxy (or of the local
+        PostgreSQL) left them (``Coordinator.recover``)."""
+        pattern = f"MTM-{self.id}-%"
+        while True:
+            await asyncio.sleep(ORPHAN_SCAN_INTERVAL_S)
+            await self.ready.wait()
+            now = time.monotonic()
+            for gid, at in list(self.issued.items()):
+                if now - at > 6 * ISSUED_GRACE_S:
+                    del self.issued[gid]        # its PREPARE never happened
+            try:
+                rows = await (await self._query(
+                    "SELECT p.gid, c.state FROM pg_prepared_xacts p "
+                    "LEFT JOIN mtm.precommits c ON c.gid = p.gid "
+                    "WHERE p.database = current_database() AND p.gid LIKE %s", (pattern,))
+                ).fetchall()
+            except (psycopg.Error, PgUnavailable) as e:
+                self.log.warning("orphan_scan_failed", error=str(e).strip())
+                continue
+            for gid, own in rows:
+                base = gid.split(cp.USER_GID_SEP, 1)[0]
+                if self.coord.knows(gid) or gid in self.waiters or (
+                        now - self.issued.get(base, -1e9) < ISSUED_GRACE_S):
+                    continue
+                own = own.decode() if isinstance(own, bytes) else own
+                self.log.info("orphan_recovered", gid=gid, own_precommit=own)
+                await self.execute(self.coord.recover(gid, own, _now_ms()))
 
     async def _is_local(self, namespace: str, name: str) -> bool:
         row = await self._fetchone(
@@ -257,11 +467,7 @@ class ReplicationNode:
         """Run a statement on a pool connection; the cursor's rows are
         fetched already (client-side cursor), so the connection goes back
         at once."""
-        conn = await self.pool.get()
-        try:
-            return await conn.execute(query, params)
-        finally:
-            self.pool.put_nowait(conn)
+        return await self.pool.run(query, params)
 
     async def _fetchone(self, query, params=()) -> tuple:
         return await (await self._query(query, params)).fetchone()
@@ -272,14 +478,17 @@ class ReplicationNode:
     async def _finish_prepared(self, gid: str, commit: bool) -> None:
         verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
         try:
-            await self._sql(sql.SQL(verb + " {}").format(sql.Literal(gid)))
+            await self._sql(verb + " " + quote_literal(gid))
         except psycopg.errors.UndefinedObject:
             pass  # already finished (the stream and a Decision both got here)
 
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            await self.execute(self.coord.tick(_now_ms()))
+            try:
+                await self.execute(self.coord.tick(_now_ms()))
+            except Exception as e:    # never let the clock stop
+                self.log.error("ticker_failed", error=repr(e))
 
     async def _conflict_watchdog(self) -> None:
         """Wound-wait for the appliers. An applier applying gid A that has
@@ -309,7 +518,7 @@ class ReplicationNode:
                 continue
             try:
                 blocked = await (await self._query(_BLOCKERS_SQL, (list(waiting),))).fetchall()
-            except psycopg.Error as e:
+            except (psycopg.Error, PgUnavailable) as e:
                 self.log.warning("watchdog_failed", error=str(e))
                 continue
             if blocked:
@@ -342,8 +551,8 @@ class ReplicationNode:
         self.log.info("wound", gid=gid, by_gid=by_gid, owner=owner)
         if owner == self.id:
             await self.execute(self.coord.receive(msg, _now_ms()))
-        elif owner in self.out:
-            self.out[owner].write(link.protocol(msg))
+        else:
+            self.send_to(owner, link.protocol(msg))
         return True
 
     async def _cancel_applier(self, pid: int, gid: str, by_gid: str) -> None:
@@ -376,7 +585,10 @@ class ReplicationNode:
         # pg_cancel_backend signals the backend alone, at once; a protocol
         # CancelRequest goes through a forked child and signals the
         # backend's process group too (two 57014s for one statement).
-        await self._sql("SELECT pg_cancel_backend(%s)", (pid,))
+        try:
+            await self._sql("SELECT pg_cancel_backend(%s)", (pid,))
+        except (psycopg.Error, PgUnavailable) as e:
+            self.log.warning("cancel_failed", backend_pid=pid, error=str(e).strip())
 
     def busy_with(self, peer: int) -> str | None:
         """Is ``peer``'s stream being worked on here (received and not yet
@@ -399,30 +611,29 @@ class ReplicationNode:
             await asyncio.sleep(every)
             for peer in self.peers:
                 gid = self.busy_with(peer)
-                w = self.out.get(peer)
-                if gid is not None and w is not None:
-                    w.write(link.protocol(cp.Working(gid, self.id)))
+                if gid is not None:
+                    self.send_to(peer, link.protocol(cp.Working(gid, self.id)))
 
     async def _forget_applied(self) -> None:
-        """mtm.applied is only read for transactions a peer may send again:
-        those past the position its slot confirmed. The peer confirms what we
-        acknowledged within a status interval (1 s), so each round deletes
-        what was acknowledged a round (10 s) ago."""
-        horizon: dict[int, int] = {}
+        """Advance each peer's durable apply horizon to what is applied
+        here contiguously, and drop the ``mtm.applied`` rows at or below
+        it, in one transaction (replication/apply.py)."""
         while True:
             await asyncio.sleep(APPLIED_GC_INTERVAL_S)
-            horizon = await self.forget_applied_round(horizon)
+            await self.forget_applied_round()
 
-    async def forget_applied_round(self, horizon: dict[int, int]) -> dict[int, int]:
-        """Delete each peer's mtm.applied rows below ``horizon`` (what was
-        acknowledged a round ago); return the next round's horizon."""
-        for peer, lsn in horizon.items():
+    async def forget_applied_round(self) -> None:
+        for peer, lsn in list(self.acked.items()):
+            at = po.lsn_str(lsn)
             try:
-                await self._sql("DELETE FROM mtm.applied WHERE peer = %s AND lsn < %s",
-                                (peer, po.lsn_str(lsn)))
-            except psycopg.Error as e:
-                self.log.warning("applied_gc_failed", peer=peer, error=str(e))
-        return dict(self.acked)
+                await self.pool.transaction([
+                    ("INSERT INTO mtm.apply_progress (peer, lsn) VALUES (%s, %s) "
+                     "ON CONFLICT (peer) DO UPDATE SET lsn = greatest(mtm.apply_progress.lsn, "
+                     "excluded.lsn)", (peer, at)),
+                    ("DELETE FROM mtm.applied WHERE peer = %s AND lsn <= "
+                     "(SELECT lsn FROM mtm.apply_progress WHERE peer = %s)", (peer, peer))])
+            except (psycopg.Error, PgUnavailable) as e:
+                self.log.warning("applied_gc_failed", peer=peer, error=str(e).strip())
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""
@@ -434,6 +645,7 @@ class ReplicationNode:
             connected = self.connected_peers()
             status = "online" if len(connected) == len(self.peers) else "isolated"
             try:
+                await self.ready.wait()
                 await self._sql(
                     "INSERT INTO mtm.node_state (id, status, gen_num, gen_members, connected) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
@@ -442,8 +654,8 @@ class ReplicationNode:
                     "updated_at = clock_timestamp()",
                     (self.id, status, self.generation.num, sorted(self.generation.members),
                      connected))
-            except psycopg.Error as e:
-                self.log.warning("state_publish_failed", error=str(e))
+            except (psycopg.Error, PgUnavailable) as e:
+                self.log.warning("state_publish_failed", error=str(e).strip())
             await asyncio.sleep(0.5)
 
     # -- links ------------------------------------------------------------------------------
@@ -466,6 +678,7 @@ class ReplicationNode:
                 pass
             self.out.pop(peer, None)
             self.out_ready[peer].clear()
+            writer.transport.abort()     # wakes anything still writing to it
             self.log.warning("link_down", peer=peer)
             await asyncio.sleep(0.2)
 
@@ -514,6 +727,8 @@ class ReplicationNode:
     # -- sending our changes to a peer ------------------------------------------------------
 
     def _acked(self, peer: int, lsn: int) -> None:
+        if lsn > self.peer_done.get(peer, 0):
+            self.peer_done[peer] = lsn
         stream = self.streams.get(peer)
         q = self.unacked[peer]
         while q and q[0] <= lsn:
@@ -524,20 +739,35 @@ class ReplicationNode:
     async def _sender(self, peer: int) -> None:
         while True:
             await self.out_ready[peer].wait()
+            await self.ready.wait()
+            # One walsender session per link: the peer's receiver starts over
+            # on a new link, and pgoutput sends a table's Relation message
+            # only once per session, so a new link needs a new session.
+            writer = self.out.get(peer)
+            if writer is None:
+                continue
+            self.unacked[peer].clear()
             stream = SlotStream(self.conninfo + (f" password={self.password}" if self.password
-                                                 else ""), slot_name(peer), PUBLICATION)
+                                                 else ""), slot_name(peer), PUBLICATION,
+                                application_name=f"{APP_PREFIX}send to node {peer}")
             try:
                 await stream.start()
                 self.streams[peer] = stream
-                await self._forward(peer, stream)
+                await self._forward(peer, stream, writer)
             except (StreamError, psycopg.Error, OSError) as e:
                 self.log.warning("sender_restart", peer=peer, error=str(e))
             finally:
                 self.streams.pop(peer, None)
                 await stream.close()
+                # One walsender session per link: a new session resends from
+                # the slot's confirmed position, and the peer's receiver
+                # must start over to read its positions again. End the link
+                # (it is re-established at once, a new epoch over there).
+                if self.out.get(peer) is writer and not writer.is_closing():
+                    writer.transport.abort()
             await asyncio.sleep(0.2)
 
-    async def _forward(self, peer: int, stream: SlotStream) -> None:
+    async def _forward(self, peer: int, stream: SlotStream, link_writer) -> None:
         """Forward this node's own transactions from the slot to ``peer``.
 
         Most of a slot's traffic can be transactions applied from other
@@ -550,10 +780,18 @@ class ReplicationNode:
         skipping = False
         sent_data = False
         unacked = self.unacked[peer]
+
+        def write(data: bytes) -> None:
+            # Checked before every write: the link may have closed during
+            # any await (uvloop refuses writes to a closed transport).
+            if self.out.get(peer) is not link_writer or link_writer.is_closing():
+                raise StreamError("link to peer is down or changed")
+            link_writer.write(data)
+
         async for lsn, payload in stream.raw_messages():
             w = self.out.get(peer)
-            if w is None:
-                raise StreamError("link to peer is down")
+            if w is not link_writer:
+                raise StreamError("link to peer is down" if w is None else "link to peer changed")
             kind = payload[0]
             if kind in _ROW_KINDS:
                 if skipping:
@@ -564,10 +802,10 @@ class ReplicationNode:
                 elif kind == _TRUNCATE and mtm_rels.intersection(po.decode(payload).relids):
                     continue
                 for f in held:
-                    w.write(f)
+                    write(f)
                 held = []
                 sent_data = True
-                w.write(link.replication(lsn, payload))
+                write(link.replication(lsn, payload))
                 if w.transport.get_write_buffer_size() > 1 << 20:
                     await w.drain()
                 continue
@@ -575,7 +813,12 @@ class ReplicationNode:
             cls = msg.__class__
             if cls is po.Begin or cls is po.BeginPrepare:
                 held = [link.replication(lsn, payload)]
-                skipping = sent_data = False
+                sent_data = False
+                # what the peer reported done already (a replay) is not sent
+                end = msg.end_lsn if cls is po.BeginPrepare else msg.final_lsn
+                skipping = end <= self.peer_done.get(peer, 0)
+                if skipping:
+                    held = []
                 continue
             if cls is po.Origin:
                 skipping = True        # applied from another node: not ours to ship
@@ -591,7 +834,7 @@ class ReplicationNode:
                     mtm_rels.add(msg.relid)
                 else:
                     mtm_rels.discard(getattr(msg, "relid", None))
-                    w.write(link.replication(lsn, payload))
+                    write(link.replication(lsn, payload))
                 continue
             if cls is po.Commit or cls is po.Prepare:
                 if skipping or (cls is po.Commit and not sent_data):
@@ -601,9 +844,9 @@ class ReplicationNode:
                         stream.confirm(msg.end_lsn)
                     continue
                 for f in held:
-                    w.write(f)
+                    write(f)
                 held = []
-                w.write(link.replication(lsn, payload))
+                write(link.replication(lsn, payload))
                 unacked.append(msg.end_lsn)
                 if cls is po.Prepare:
                     self.log.debug("sent_prepare", peer=peer, gid=msg.gid)
@@ -612,11 +855,11 @@ class ReplicationNode:
             if cls is po.CommitPrepared or cls is po.RollbackPrepared:
                 parsed = cp.parse_gid(msg.gid)
                 end = msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn
-                if parsed is None or parsed[0] != self.id:
+                if parsed is None or parsed[0] != self.id or end <= self.peer_done.get(peer, 0):
                     if not unacked:
                         stream.confirm(end)
                     continue
-                w.write(link.replication(lsn, payload))
+                write(link.replication(lsn, payload))
                 unacked.append(end)
                 await w.drain()
                 continue
@@ -628,20 +871,30 @@ class ReplicationNode:
         """Apply ``peer``'s stream with ``[limits] apply_workers`` appliers
         plus a finisher (see ``_dispatch``); any failure restarts them all
         and the stream (from what we acknowledged)."""
+        old_pids: list[int] = []
         while True:
             conns: list = []
             try:
+                await self.ready.wait()
+                await self._wait_gone(old_pids)
                 workers = []
                 n = self.cfg.limits.apply_workers
                 for k in range(n + 1):
-                    name = f"mmproxy apply from node {peer}" + (
+                    name = f"{APP_PREFIX}apply from node {peer}" + (
                         "" if k == 0 else " #finish" if k == n else f" #{k}")
                     conn = await self._connect(application_name=name)
                     conns.append(conn)
-                    applier = Applier(conn, peer, worker=k,
+                    applier = Applier(conn, peer, worker=k, log=self.log,
                                       lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
                     await applier.setup()
                     workers.append(_Worker(k, applier, conn.info.backend_pid))
+                # Tell the peer how far its stream is known done here: its
+                # sender need not forward any of that again (after a crash of
+                # its server the slot may resend minutes of it).
+                horizon = workers[0].applier.horizon_lsn
+                if horizon:
+                    self.acked[peer] = max(self.acked.get(peer, 0), horizon)
+                    self.send_to(peer, link.applied(horizon))
                 async with asyncio.TaskGroup() as tg:
                     for w in workers:
                         tg.create_task(self._work(peer, w))
@@ -650,15 +903,39 @@ class ReplicationNode:
                 raise
             except Exception as e:  # psycopg errors, ApplyError: restart cleanly
                 errors = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
-                self.log.error("apply_failed", peer=peer, error="; ".join(map(str, errors)))
-                self._reset_link(peer)
-                await asyncio.sleep(0.5)
+                if all(isinstance(x, _NewLink) for x in errors):
+                    self.log.info("receiver_restart", peer=peer, reason="new link")
+                else:
+                    self.log.error("apply_failed", peer=peer, error="; ".join(map(str, errors)))
+                    self._reset_link(peer)
+                    await asyncio.sleep(0.5)
             finally:
                 for key in [k for k in self.applying if k[0] == peer]:
                     del self.applying[key]
                 self.in_flight[peer].clear()
+                old_pids = []
                 for conn in conns:
+                    if not conn.closed:
+                        old_pids.append(conn.info.backend_pid)
                     await conn.close()
+
+    async def _wait_gone(self, pids: list[int]) -> None:
+        """Wait until the backends ``pids`` (a stopped receiver's appliers)
+        have exited: one of them may still be finishing a PREPARE, and the
+        new appliers read how far the stream is applied."""
+        for _ in range(200):
+            if not pids:
+                return
+            try:
+                row = await self._fetchone("SELECT count(*) FROM pg_stat_activity "
+                                           "WHERE pid = ANY(%s)", (pids,))
+            except (psycopg.Error, PgUnavailable):
+                await asyncio.sleep(0.1)
+                continue
+            if row[0] == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise ApplyError(f"appliers {pids} of a stopped receiver did not exit")
 
     async def _dispatch(self, peer: int, workers: list, finisher: _Worker) -> None:
         """Hand ``peer``'s transactions to the appliers, in parallel where
@@ -678,7 +955,8 @@ class ReplicationNode:
         is done, so a restart resends whatever was in flight; appliers
         recognise what they did already (``Applier._replay_answer``)."""
         inbox = self.inbox[peer]
-        epoch0 = self.link_epoch[peer]
+        epoch0 = None
+        last_end = 0            # highest transaction end seen on this link
         order = self.in_flight[peer]        # [end lsn or None, answer] in stream order
         order.clear()
         prepares: dict[str, asyncio.Future] = {}    # gid -> answer, while being applied
@@ -694,9 +972,7 @@ class ReplicationNode:
             if last is None:
                 return
             self.acked[peer] = last
-            w = self.out.get(peer)
-            if w is not None:
-                w.write(link.applied(last))
+            self.send_to(peer, link.applied(last))
 
         def track(end, fut) -> list:
             e = [end, fut]
@@ -705,16 +981,31 @@ class ReplicationNode:
             return e
 
         while True:
-            epoch, payload = await inbox.get()
+            stashed = self._stash.pop(peer, None)
+            epoch, payload = stashed if stashed is not None else await inbox.get()
             if epoch != self.link_epoch[peer]:
                 continue            # from a link that was reset
             if epoch != epoch0:
-                if order:
-                    raise RuntimeError("stream restarted with transactions in flight")
+                if epoch0 is not None:
+                    # A new link: the peer resends from its slot's confirmed
+                    # position, which may be far behind what we applied.
+                    # Start over with fresh appliers that read the durable
+                    # positions again (this frame is the new stream's first).
+                    self._stash[peer] = (epoch, payload)
+                    raise _NewLink()
                 epoch0 = epoch
             lsn, raw = link.unpack_lsn(payload)
             msg = po.decode(raw)
             cls = msg.__class__
+            if cls is po.BeginPrepare or cls is po.Begin:
+                end = msg.end_lsn if cls is po.BeginPrepare else msg.final_lsn
+                if end <= last_end:
+                    # One link carries one walsender session, whose
+                    # transactions end in increasing LSN order: a resend
+                    # within a link would meet appliers with stale positions.
+                    raise ApplyError(f"the stream from node {peer} went back from "
+                                     f"{po.lsn_str(last_end)} to {po.lsn_str(end)} on one link")
+                last_end = end
             if cls is po.Relation or cls is po.Type:
                 for w in (*workers, finisher):
                     w.queue.put_nowait((msg, None, None))
@@ -767,6 +1058,8 @@ class ReplicationNode:
                 await asyncio.wait([after])   # COMMIT/ROLLBACK PREPARED after its PREPARE
             if msg.__class__ is po.BeginPrepare:
                 self.applying[key] = (w.pid, msg.gid, time.monotonic())
+            elif msg.__class__ in _ROW_CHANGES and not w.applier.idle:
+                failpoints.hit("apply_mid_transaction", self.log, peer=peer)
             r = await w.applier.apply(msg)
             if w.applier.idle:
                 self.applying.pop(key, None)
@@ -799,8 +1092,8 @@ class ReplicationNode:
                 self.part.recovered(msg.gid, *row)
             await self.execute(self.coord.receive(msg, _now_ms()))
             await self.execute(self.part.receive(msg))
-        except psycopg.Error as e:   # the sender retransmits; we answer then
-            self.log.warning("protocol_message_failed", gid=msg.gid, error=str(e))
+        except (psycopg.Error, PgUnavailable) as e:   # the sender retransmits; we answer then
+            self.log.warning("protocol_message_failed", gid=msg.gid, error=str(e).strip())
 
     def _reset_link(self, peer: int) -> None:
         """Drop the peer's incoming link: it reconnects and resends from the
@@ -813,7 +1106,10 @@ class ReplicationNode:
     async def _applied(self, peer: int, msg, r) -> None:
         self.log.debug("applied", peer=peer, result=type(r).__name__, gid=getattr(r, "gid", None))
         if isinstance(r, Prepared):
+            failpoints.hit("member_before_vote", self.log, gid=r.gid)
             await self.execute(self.part.applied(r.gid, True))
+        elif isinstance(r, Skipped):
+            pass
         elif isinstance(r, PrepareFailed):
             by_gid = self._cancelled.pop(r.gid, None)
             if r.sqlstate == "57014":
@@ -851,6 +1147,11 @@ async def _free_worker(workers: list) -> _Worker:
 
 
 _ASKS_PARTICIPANT = (cp.VoteRequest, cp.Precommit, cp.Decision)
+_ROW_CHANGES = (po.Insert, po.Update, po.Delete, po.Truncate)
+
+
+class _NewLink(Exception):
+    """The peer's link was re-established: restart its receiver."""
 
 
 def _now_ms() -> int:

@@ -41,8 +41,10 @@ class StreamError(RuntimeError):
 
 class SlotStream:
     def __init__(self, conninfo: str, slot: str, publication: str, *,
-                 start_lsn: int = 0, status_interval_s: float = 1.0):
+                 start_lsn: int = 0, status_interval_s: float = 1.0,
+                 application_name: str = "mmproxy stream"):
         self.conninfo = conninfo
+        self.application_name = application_name
         self.slot = slot
         self.publication = publication
         self.start_lsn = start_lsn
@@ -53,10 +55,12 @@ class SlotStream:
         self._pg: pq.abc.PGconn | None = None
         self._last_status = 0.0
         self._readable = asyncio.Event()
+        self._fd: int | None = None
 
     async def start(self) -> None:
         self._conn = await psycopg.AsyncConnection.connect(
-            self.conninfo, replication="database", autocommit=True)
+            self.conninfo, replication="database", autocommit=True,
+            application_name=self.application_name)
         pg = self._pg = self._conn.pgconn
         opts = ", ".join(f"{k} {quote_literal(v)}" for k, v in (
             ("proto_version", "3"), ("publication_names", self.publication),
@@ -66,7 +70,10 @@ class SlotStream:
         pg.send_query(cmd.encode())
         pg.nonblocking = 1
         loop = asyncio.get_running_loop()
-        loop.add_reader(pg.socket, self._readable.set)
+        # Remembered: once libpq has dropped a broken connection, pg.socket
+        # raises, and the reader must still be removed.
+        self._fd = pg.socket
+        loop.add_reader(self._fd, self._readable.set)
         while True:
             await self._flush()
             pg.consume_input()
@@ -155,10 +162,11 @@ class SlotStream:
                 await self.send_status()
             except (StreamError, psycopg.Error, OSError):
                 pass
-        if self._pg is not None:
+        if self._fd is not None:
             try:
-                asyncio.get_running_loop().remove_reader(self._pg.socket)
+                asyncio.get_running_loop().remove_reader(self._fd)
             except (ValueError, OSError):
                 pass
+            self._fd = None
         if self._conn is not None:
             await self._conn.close()

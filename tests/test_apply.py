@@ -14,7 +14,7 @@ from conftest import wait_for
 from proxy.pgserver import LocalPostgres
 from replication import pgoutput as po
 from replication.apply import (APPLIED_TABLE_SQL, Applier, ApplyError, Finished,
-                               PrepareFailed, Prepared, origin_name)
+                               PrepareFailed, Prepared, Skipped, origin_name)
 from replication.stream import SlotStream
 
 SCHEMA = """
@@ -63,7 +63,8 @@ def _try(s: LocalPostgres, q: str) -> bool:
 
 
 async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
-               until_commits: int = 0, *, slot: str = "to_b", until_vote: bool = False):
+               until_commits: int = 0, *, slot: str = "to_b", until_vote: bool = False,
+               until_skipped: int = 0):
     """Stream A's slot into B until the given numbers of plain commits and
     finished prepared transactions were applied (or, with ``until_vote``,
     until the first vote); returns the results and B's origin progress."""
@@ -88,7 +89,12 @@ async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
                     else:
                         finished += 1
                     stream.confirm(lsn)
-                if not until_vote and commits >= until_commits \
+                if isinstance(r, Skipped):
+                    until_skipped -= 1
+                    if until_skipped == 0:
+                        break
+                    continue
+                if not until_vote and not until_skipped and commits >= until_commits \
                         and finished >= until_gids_finished:
                     break
         return results, await applier.applied_lsn()
@@ -282,10 +288,10 @@ def test_transaction_end_without_begin_is_refused(pair):
         == (0,)
 
 
-def test_applied_records_are_forgotten_a_round_after_their_acknowledgement(pair, tmp_path):
-    """mtm.applied rows are read only for what a peer may resend (past its
-    slot's confirmed position, which follows our acknowledgements within a
-    second): a clean-up round deletes what was acknowledged a round before."""
+def test_apply_horizon_is_durable_and_trims_applied_records(pair, tmp_path):
+    """The node advances each peer's apply horizon to what it applied
+    contiguously and drops the mtm.applied rows at or below it, in one
+    transaction; the horizon never moves back."""
     from config import load_config
     from replication.node import ReplicationNode
     _, b = pair
@@ -298,21 +304,57 @@ def test_applied_records_are_forgotten_a_round_after_their_acknowledgement(pair,
     async def run():
         node = ReplicationNode(load_config(cfg))
         conn = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
-        node.pool.put_nowait(conn)
         try:
             await conn.execute("CREATE SCHEMA IF NOT EXISTS mtm")
             await conn.execute(APPLIED_TABLE_SQL)
             await conn.execute("DELETE FROM mtm.applied WHERE peer IN (2, 3)")
+            await conn.execute("DELETE FROM mtm.apply_progress")
             await conn.execute("INSERT INTO mtm.applied VALUES ('a', 2, '0/10'), "
                                "('b', 2, '0/20'), ('c', 2, '0/30'), ('d', 3, '0/5')")
-            node.acked = {2: 0x25}
-            horizon = await node.forget_applied_round({})      # nothing acknowledged before
-            assert horizon == {2: 0x25}
-            node.acked = {2: 0x40}
-            horizon = await node.forget_applied_round(horizon)
+            node.acked = {2: 0x20}
+            await node.forget_applied_round()
+            node.acked = {2: 0x15}              # a restarted stream's first acks
+            await node.forget_applied_round()
             left = await (await conn.execute(
                 "SELECT key FROM mtm.applied WHERE peer IN (2, 3) ORDER BY key")).fetchall()
-            assert left == [("c",), ("d",)] and horizon == {2: 0x40}
+            assert left == [("c",), ("d",)]
+            assert await (await conn.execute("SELECT peer, lsn::text FROM mtm.apply_progress")
+                          ).fetchall() == [(2, "0/20")]
         finally:
             await conn.close()
+            await node.pool.close()
     asyncio.run(run())
+
+
+def test_a_resent_transaction_at_or_below_the_horizon_is_never_applied_again(pair):
+    """After a crash of the peer's PostgreSQL its slot's confirmed position
+    can go back to its last checkpoint, long after our mtm.applied rows for
+    what it resends were trimmed. An UPDATE carries whole new rows: applied
+    again, it would write an old value back (money created in a bank).
+    Below the durable horizon it is skipped."""
+    a, b = pair
+    for s in ("to_b", "to_b_again"):
+        a.psql(f"SELECT pg_create_logical_replication_slot('{s}', 'pgoutput', false, true)")
+    try:
+        a.psql("INSERT INTO acc VALUES (1, 'ann', 100, NULL)")
+        a.psql("UPDATE acc SET amount = 110 WHERE id = 1")
+        a.psql("UPDATE acc SET amount = 120 WHERE id = 1")
+        results, _ = asyncio.run(pump(a, b, until_commits=3))
+        assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
+        # what the node does once they are acknowledged: the horizon moves
+        # past all three (A's current WAL position) and their rows go
+        horizon = a.psql("SELECT pg_current_wal_lsn()").strip()
+        b.psql("DELETE FROM mtm.applied WHERE peer = 1")
+        b.psql(f"INSERT INTO mtm.apply_progress VALUES (1, '{horizon}') "
+               "ON CONFLICT (peer) DO UPDATE SET lsn = excluded.lsn")
+        results, _ = asyncio.run(pump(a, b, slot="to_b_again", until_skipped=3))
+        assert [type(r).__name__ for r in results] == ["Skipped"] * 3
+        assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
+    finally:
+        for s in ("to_b", "to_b_again"):
+            a.psql(f"SELECT pg_drop_replication_slot('{s}')")
+        b.psql("DELETE FROM mtm.apply_progress")
+        b.psql("TRUNCATE acc")
+        a.psql("TRUNCATE acc")
+        wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
+                                 "FROM pg_replication_origin"), what="origin released")

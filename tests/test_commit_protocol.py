@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from replication.commit import (AbortLocal, CommitAck, CommitLocal, Coordinator, Decision,
-                                FinishLocal, Generation, Outcome, Participant, Persist,
-                                PersistOwn, Precommit, PrecommitAck, Release, Reply, Send, Vote,
+from replication.commit import (COMMITTED, FENCED, PRECOMMITTED, AbortLocal, CommitAck,
+                                CommitLocal, Coordinator, Decision, Fence, FenceOwn, FinishLocal,
+                                Generation, Outcome, Participant, Persist, PersistOwn, Precommit,
+                                PrecommitAck, Release, Reply, Send, TxStatus, TxStatusQuery, Vote,
                                 VoteRequest, Working, Wound, make_gid, parse_gid)
 from sim_commit import Sim, SimFailure
 
@@ -185,8 +186,11 @@ def test_participant_votes_precommits_and_acks_idempotently():
     p = Participant(2, GEN)
     assert p.applied(GID, True) == [Send(1, Vote(GID, 2, True))]
     assert p.receive(VoteRequest(GID, 1)) == [Send(1, Vote(GID, 2, True))]
-    assert p.receive(Precommit(GID, 1)) == [Persist(GID), Send(1, PrecommitAck(GID, 2))]
-    assert p.receive(Precommit(GID, 1)) == [Send(1, PrecommitAck(GID, 2))]   # no 2nd persist
+    assert p.receive(Precommit(GID, 1)) == [Persist(GID)]
+    assert p.receive(Precommit(GID, 1)) == []               # being written: no 2nd persist
+    # the acknowledgement goes only once the record is durable
+    assert p.persisted(GID, True) == [Send(1, PrecommitAck(GID, 2))]
+    assert p.receive(Precommit(GID, 1)) == [Send(1, PrecommitAck(GID, 2))]
     # the decision reached us before the stream's COMMIT PREPARED
     assert p.receive(Decision(GID, 1, True)) == [FinishLocal(GID, True)]
     assert p.receive(Decision(GID, 1, True)) == []          # already finishing
@@ -222,11 +226,114 @@ def test_participant_answers_after_a_restart_from_what_the_database_says():
     p.recovered("MTM-1-1-51", prepared=False, committed=True)
     assert p.receive(Decision("MTM-1-1-51", 1, True)) == [Send(1, CommitAck("MTM-1-1-51", 2))]
     p.recovered("MTM-1-1-52", prepared=True, committed=False)
-    assert p.receive(Precommit("MTM-1-1-52", 1)) == [Persist("MTM-1-1-52"),
-                                                      Send(1, PrecommitAck("MTM-1-1-52", 2))]
+    assert p.receive(Precommit("MTM-1-1-52", 1)) == [Persist("MTM-1-1-52")]
+    assert p.persisted("MTM-1-1-52", True) == [Send(1, PrecommitAck("MTM-1-1-52", 2))]
     assert p.receive(Decision("MTM-1-1-52", 1, True)) == [FinishLocal("MTM-1-1-52", True)]
     p.recovered("MTM-1-1-53", prepared=False, committed=False)
     assert p.receive(VoteRequest("MTM-1-1-53", 1)) == []
+
+
+def test_recovered_gid_with_our_own_precommit_commits():
+    c = Coordinator(1, GEN)
+    assert c.recover(GID, "p", 0) == [CommitLocal(GID)]
+    # members get COMMIT PREPARED from our stream; Decisions speed it up
+    assert c.local_done(GID, True, 1) == []
+    assert c.tick(300) == [Send(2, Decision(GID, 1, True)), Send(3, Decision(GID, 1, True))]
+    c.receive(CommitAck(GID, 2), 301)
+    assert c.receive(CommitAck(GID, 3), 302) == []       # nobody waits: no Reply
+    assert not c.knows(GID)
+
+
+def test_recovered_gid_without_a_record_fences_itself_then_asks():
+    """Our own precommit may still be on its way to the table (a backend of
+    our previous life): we must fence ourselves before counting ourselves."""
+    c = Coordinator(1, GEN)
+    assert c.recover(GID, None, 0) == [FenceOwn(GID)]
+    assert c.receive(TxStatus(GID, 2, FENCED), 1) == []        # we are not fenced yet
+    # the record of our previous life landed first: it is a precommit
+    assert c.own_fenced(GID, "p", 2) == [CommitLocal(GID)]
+
+
+def test_recovered_gid_commits_if_any_member_holds_a_precommit():
+    c = Coordinator(1, GEN)
+    c.recover(GID, None, 0)
+    assert c.own_fenced(GID, "x", 1) == [Send(2, TxStatusQuery(GID, 1)),
+                                         Send(3, TxStatusQuery(GID, 1))]
+    assert c.receive(TxStatus(GID, 3, PRECOMMITTED), 2) == [CommitLocal(GID)]
+    c2 = Coordinator(1, GEN)
+    c2.recover(GID, "x", 0)
+    assert c2.receive(TxStatus(GID, 2, COMMITTED), 2) == [CommitLocal(GID)]
+
+
+def test_recovered_gid_aborts_once_a_majority_is_fenced():
+    c = Coordinator(1, GEN, retry_ms=100)
+    assert c.recover(GID, "x", 0) == [Send(2, TxStatusQuery(GID, 1)),
+                                      Send(3, TxStatusQuery(GID, 1))]
+    assert c.tick(150) == [Send(2, TxStatusQuery(GID, 1)), Send(3, TxStatusQuery(GID, 1))]
+    assert c.receive(TxStatus(GID, 2, FENCED), 200) == [AbortLocal(GID)]   # 1 + 2: majority
+    assert c.local_done(GID, False, 201) == []      # nobody to tell
+    assert not c.knows(GID)
+
+
+def test_a_fenced_member_never_acknowledges_the_precommit():
+    p = Participant(2, GEN)
+    p.applied(GID, True)
+    assert p.receive(TxStatusQuery(GID, 1)) == [Fence(GID)]
+    assert p.fenced(GID, precommitted=False, committed=False) == [
+        Send(1, TxStatus(GID, 2, FENCED))]
+    assert p.receive(Precommit(GID, 1)) == []        # a late precommit of the old life
+    # the database refuses a precommit write that raced the fence
+    q = Participant(3, GEN)
+    q.applied(GID, True)
+    assert q.receive(Precommit(GID, 1)) == [Persist(GID)]
+    assert q.persisted(GID, False) == []
+    assert q.receive(Precommit(GID, 1)) == []
+
+
+def test_recovered_client_prepared_transaction_is_held_and_votes_are_collected_again():
+    g = "MTM-1-1-9:app-tx"
+    c = Coordinator(1, GEN)
+    assert c.recover(g, None, 0) == []                  # held, not decided
+    assert c.tick(100_000) == []
+    out = c.release(g, True, 1, 100_001)
+    assert out == [Send(2, VoteRequest(g, 1)), Send(3, VoteRequest(g, 1))]
+    c.receive(Vote(g, 2, True), 100_002)
+    assert c.receive(Vote(g, 3, True), 100_003)[-1] == PersistOwn(g)
+
+
+def test_a_precommit_majority_that_does_not_form_answers_40003_and_keeps_trying():
+    c = Coordinator(1, GEN, vote_timeout_ms=1000, retry_ms=100)
+    c.start(GID, 0)
+    c.receive(Vote(GID, 2, True), 10)
+    c.receive(Vote(GID, 3, True), 20)              # precommit phase from t=20
+    c.persisted(GID, 30)                           # ours is durable; 2 and 3 went silent
+    out = [a for a in c.tick(1019) if isinstance(a, Reply)]
+    assert out == []
+    [reply] = [a for a in c.tick(1020) if isinstance(a, Reply)]
+    assert reply.sqlstate == "40003" and "not known yet" in reply.message
+    assert [a for a in c.tick(1200) if isinstance(a, Reply)] == []   # told once
+    assert c.tick(1300) == [Send(2, Precommit(GID, 1)), Send(3, Precommit(GID, 1))]
+    assert c.receive(PrecommitAck(GID, 3), 5000) == [CommitLocal(GID)]
+    assert c.local_done(GID, True, 5001) == []
+    c.receive(CommitAck(GID, 2), 5002)
+    assert c.receive(CommitAck(GID, 3), 5003) == []     # the client had its answer
+    assert not c.knows(GID)
+
+
+def test_missing_commit_acks_end_in_a_commit_with_a_warning():
+    c = Coordinator(1, GEN, vote_timeout_ms=1000, retry_ms=100)
+    c.start(GID, 0)
+    c.receive(Vote(GID, 2, True), 1)
+    c.receive(Vote(GID, 3, True), 2)
+    c.receive(PrecommitAck(GID, 2), 3)
+    c.persisted(GID, 4)
+    c.local_done(GID, True, 5)
+    c.receive(CommitAck(GID, 2), 6)
+    c.receive(Working(GID, 3), 900)            # node 3 is busy applying: waited for
+    assert [a for a in c.tick(1500) if isinstance(a, Reply)] == []
+    [reply] = [a for a in c.tick(1900) if isinstance(a, Reply)]
+    assert reply.committed and "node(s) 3 did not confirm" in reply.warning
+    c.check_invariants()
 
 
 def test_participant_refuses_older_generation():
@@ -238,27 +345,54 @@ def test_participant_refuses_older_generation():
 @pytest.mark.parametrize("wait", [True, False], ids=["wait_peer_commits", "no_wait"])
 def test_simulator_many_fault_schedules(wait):
     """1,000 seeds per mode: message loss, duplication, reordering, delays,
-    lagging streams and apply conflicts; invariants after every event, then
-    every transaction must settle with nothing left prepared."""
-    totals = {"transactions": 0, "committed": 0}
+    lagging streams, apply conflicts, and whole nodes crashing (losing what
+    is in memory and unfinished writes) and recovering their own gids;
+    invariants after every event, then every transaction must settle with
+    nothing left prepared."""
+    totals: dict = {}
     for seed in range(1000):
-        r = Sim(seed, wait_peer_commits=wait).run_schedule(safety_steps=200)
-        totals["transactions"] += r["transactions"]
-        totals["committed"] += r["committed"]
-    # the schedules really exercised both outcomes
+        for k, v in Sim(seed, wait_peer_commits=wait).run_schedule(safety_steps=200).items():
+            totals[k] = totals.get(k, 0) + v
+    # the schedules really exercised both outcomes, crashes and recoveries
     assert totals["transactions"] > 5000
     assert 0 < totals["committed"] < totals["transactions"]
+    assert totals["crashed_clients"] > 100 and totals["recovered_commits"] > 20, totals
 
 
 class _EagerCoordinator(Coordinator):
     """A mutant that counts its own precommit before it is durable."""
 
-    def _maybe_precommit(self, t):
-        out = super()._maybe_precommit(t)
+    def _maybe_precommit(self, t, now_ms):
+        out = super()._maybe_precommit(t, now_ms)
         if t.state == "precommitting":
             t.precommit_acks.add(self.node_id)
             out += self._maybe_commit(t)
         return out
+
+
+class _UnfencedRecovery(Coordinator):
+    """A mutant that rolls back a recovered gid that has no precommit record
+    here without asking anyone (nor fencing anyone)."""
+
+    def recover(self, gid, own, now_ms, generation=None):
+        if own is None and ":" not in gid:
+            super().recover(gid, "x", now_ms, generation)
+            t = self.txns[gid]
+            t.state, t.answered = "aborting", True
+            t.reply = Reply(gid, False, "40000", "rolled back")
+            return [AbortLocal(gid)]
+        return super().recover(gid, own, now_ms, generation)
+
+
+def test_simulator_catches_a_recovery_that_does_not_fence():
+    caught = 0
+    for seed in range(300):
+        try:
+            Sim(seed, coordinator=_UnfencedRecovery).run_schedule(safety_steps=200)
+        except SimFailure as e:
+            assert "rolled back with precommit records" in str(e), e
+            caught += 1
+    assert caught >= 2, caught
 
 
 def test_simulator_catches_a_coordinator_counting_its_precommit_early():

@@ -115,6 +115,10 @@ class TimeoutsConfig:
     # How long an applier waits for a row lock before it gives up; the
     # transaction it applies then aborts with 40001 on its origin node.
     apply_lock_timeout_ms: int = 1000
+    # A new session waits at most this long for the node to be ready (its
+    # replication starting, or its local PostgreSQL being recovered), then
+    # gets FATAL 57P03.
+    client_ready_wait_ms: int = 10000
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class NodeConfig:
 
 _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat_interval_ms",
              "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
-             "commit_vote_timeout_ms", "apply_lock_timeout_ms",
+             "commit_vote_timeout_ms", "apply_lock_timeout_ms", "client_ready_wait_ms",
              "write_buffer_high_bytes", "write_buffer_low_bytes", "apply_workers"}
 
 def _describe(v: object) -> str:

@@ -67,6 +67,10 @@ class ProxyServer:
         self._closed = asyncio.Event()
         self.node = None                # ReplicationNode once the cluster is initialized
         self._activation: asyncio.Task | None = None
+        # With peers configured, sessions are held until we know whether the
+        # local node is initialized for the cluster (then: until replication
+        # is started and ready) or not (standalone until it is).
+        self.standalone = not (cfg.peers and cfg.node.internode_listen)
         self.next_session_id = 1
         self.port: int | None = None
 
@@ -93,18 +97,48 @@ class ProxyServer:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        pg.conninfo(), password=pg.password(), autocommit=True) as conn:
+                        pg.conninfo(), password=pg.password(), autocommit=True,
+                        application_name="mmproxy check") as conn:
                     if await is_initialized(conn):
                         break
+                if not self.standalone:
+                    self.log.info("standalone_mode",
+                                  reason="the local node is not initialized for the cluster "
+                                         "(mmproxy init-cluster); commits stay local")
+                self.standalone = True
             except psycopg.Error as e:
                 self.log.debug("cluster_check_failed", error=str(e))
             await asyncio.sleep(1)
+        self.standalone = False
         node = ReplicationNode(self.cfg, wound_backend=self.wound_backend)
-        await node.start()
+        while True:
+            try:
+                await node.start()
+                break
+            except (psycopg.Error, OSError, RuntimeError) as e:
+                self.log.warning("replication_start_failed", error=str(e).strip())
+                await asyncio.sleep(1)
         self.node = node
         for conn in self.sessions:
             conn.core.set_cluster(True, node.next_gid)
         self.log.info("cluster_mode_on", sessions=len(self.sessions))
+
+    def is_ready(self) -> bool:
+        if self.node is not None:
+            return self.node.ready.is_set()
+        return self.standalone
+
+    async def wait_ready(self) -> bool:
+        """Hold a new session until the node can serve it (at most
+        ``[timeouts] client_ready_wait_ms``)."""
+        if self.is_ready():
+            return True
+        deadline = time.monotonic() + self.cfg.timeouts.client_ready_wait_ms / 1000
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            if self.is_ready():
+                return True
+        return False
 
     async def open_backend(self, factory: Callable[[], asyncio.Protocol]):
         pg = self.cfg.postgres
@@ -319,7 +353,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.log.info("commit_aborted", session=self.sid, gid=gid, sqlstate=reply.sqlstate,
                           message=reply.message)
-        self.core.commit_outcome(reply.committed, reply.sqlstate, reply.message)
+        self.core.commit_outcome(reply.committed, reply.sqlstate, reply.message, reply.warning)
         self.run_effects()
 
     async def _start_tls(self) -> None:
@@ -336,6 +370,19 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect_backend(self, startup: wire.StartupMessage) -> None:
         self.transport.pause_reading()
+        if not await self.server.wait_ready():
+            self.log.warning("connection_refused", session=self.sid, peer=self.peer,
+                             reason="node not ready")
+            self.core.not_ready(
+                "the mmproxy node is not ready: its replication is starting or its local "
+                "PostgreSQL server is being recovered",
+                "Retry in a moment; other nodes of the cluster can serve meanwhile.")
+            self.run_effects()
+            return
+        if self.closed:
+            return
+        if self.server.node is not None and not self.core.cluster:
+            self.core.set_cluster(True, self.server.node.next_gid)
         backend = BackendConnection(self)
         try:
             await self.server.open_backend(lambda: backend)
@@ -446,10 +493,23 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    from common import failpoints
+    failpoints.install_signal_handler(loop)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks, server.log)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.shutdown()
+
+
+def _dump_tasks(log) -> None:
+    """SIGUSR1: one log event per asyncio task with where it waits (for a
+    DBA looking at a proxy that seems stuck)."""
+    import io
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(limit=12, file=buf)
+        log.warning("task_stack", task=task.get_name(), stack=buf.getvalue())
 
 
 def run(cfg: NodeConfig) -> None:

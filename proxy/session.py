@@ -42,6 +42,7 @@ PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"
 FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
+CANNOT_CONNECT_NOW = "57P03"
 QUERY_CANCELED = "57014"
 
 
@@ -414,6 +415,12 @@ class Session:
         except ProtocolViolation as e:
             self._fail(PROTOCOL_VIOLATION, str(e))
             return None
+
+    def not_ready(self, message: str, hint: str) -> None:
+        """The node cannot serve sessions now (starting, or its PostgreSQL
+        is being recovered): FATAL 57P03, as PostgreSQL answers while it
+        starts up."""
+        self._fail(CANNOT_CONNECT_NOW, message, hint=hint)
 
     def backend_connect_failed(self, where: str, error: str) -> None:
         self._fail(CONNECTION_FAILURE,
@@ -916,11 +923,17 @@ class Session:
             f.steps, f.final = [("client",)], "relay"   # not the cluster's: PostgreSQL's
         self._flow_advance()
 
-    def commit_outcome(self, committed: bool, sqlstate: str = "", message: str = "") -> None:
-        """The cluster decided the flow's transaction."""
+    def commit_outcome(self, committed: bool, sqlstate: str = "", message: str = "",
+                       warning: str = "") -> None:
+        """The cluster decided the flow's transaction. ``warning``: it is
+        committed, but some node did not confirm it in time (sent to the
+        client as a WARNING notice before the COMMIT tag)."""
         f = self._flow
         if f is None or f.step != ("outcome",) or self.phase is not Phase.READY:
             return
+        if committed and warning:
+            self.effects.append(SendClient(wire.error_response(
+                "01000", warning, severity="WARNING", notice=True)))
         self.txn_status = b"I"
         if f.final == "uprepare":
             self._flow_finish(wire.CommandComplete("PREPARE TRANSACTION").encode() if committed

@@ -383,6 +383,7 @@ class BankWorkload(_Common):
         return {"n_accounts": self.accounts, "total": self.total}
 
     def setup(self, dsn: str) -> None:
+        self._ids = None
         with _admin(dsn, self.connect_timeout_s) as conn:
             conn.execute("DROP TABLE IF EXISTS bank_accounts, bank_ledger")
             conn.execute("CREATE TABLE bank_accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
@@ -395,7 +396,11 @@ class BankWorkload(_Common):
     def run(self, dsns: dict[int, str], *, duration_s: float | None = None,
             stop: threading.Event | None = None, history: History | None = None) -> History:
         begin = _begin_sql(self.isolation)
-        ids = itertools.count()
+        # One counter per workload (not per run): several runs into one
+        # history, as a fault campaign does, must not reuse transfer ids.
+        if getattr(self, "_ids", None) is None:
+            self._ids = itertools.count()
+        ids = self._ids
         ids_lock = threading.Lock()
 
         def gen_transfer(rng: random.Random) -> dict:
@@ -507,6 +512,7 @@ class AppendWorkload(_Common):
         return f"append{key % self.tables}"
 
     def setup(self, dsn: str) -> None:
+        self._pool = None
         with _admin(dsn, self.connect_timeout_s) as conn:
             names = ", ".join(f"append{i}" for i in range(self.tables))
             conn.execute(f"DROP TABLE IF EXISTS {names}")
@@ -516,7 +522,11 @@ class AppendWorkload(_Common):
     def run(self, dsns: dict[int, str], *, duration_s: float | None = None,
             stop: threading.Event | None = None, history: History | None = None) -> History:
         begin = _begin_sql(self.isolation)
-        pool = _KeyPool(self.key_count, self.max_writes_per_key)
+        # One key pool per workload (not per run): elements must stay unique
+        # across several runs into one history, and keys keep their lists.
+        if getattr(self, "_pool", None) is None:
+            self._pool = _KeyPool(self.key_count, self.max_writes_per_key)
+        pool = self._pool
 
         def gen(rng: random.Random) -> list[list]:
             return pool.txn(rng, self.min_txn_length, self.max_txn_length, self.read_fraction)

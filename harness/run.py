@@ -213,9 +213,10 @@ class Campaign:
             {"seed": self.seed, "rounds": [asdict(r) for r in self.results]}, indent=1))
 
     def replay_command(self, k: int) -> str:
+        r = next((r for r in self.results if r.round == k), None)
+        faults = r.fault if r is not None else ",".join(self.faults)
         return (f"python -m harness.run --seed {self.seed} --first-round {k} --rounds 1 "
-                f"--workload {self.workload_name} --faults {','.join(self.faults)} "
-                f"--hold-s {self.hold_s:g}")
+                f"--workload {self.workload_name} --faults {faults} --hold-s {self.hold_s:g}")
 
 
 def format_round(r: RoundResult) -> str:
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default=",".join(nemesis.PROCESS_FAULTS + nemesis.NETWORK_FAULTS),
                    help="comma-separated fault names (see harness/nemesis.py); 'all' for "
                         "every kind including every failpoint")
+    p.add_argument("--cycle", action="store_true",
+                   help="round k takes fault k mod the number of faults (an equal share each) "
+                        "instead of a random one; the victim is still drawn from the seed")
     p.add_argument("--workload", choices=("bank", "append"), default="bank")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--dir", default=None, help="where the cluster, history and summary go")
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         camp.start()
         print(HEADER, flush=True)
         for k in range(a.first_round, a.first_round + a.rounds):
-            r = camp.run_round(k)
+            r = camp.run_round(k, fault=faults[k % len(faults)] if a.cycle else None)
             print(format_round(r), flush=True)
             if r.violations:
                 bad += 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -250,6 +251,10 @@ def summarize(results: list[RoundResult]) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if f not in nemesis.FAULTS:
             p.error(f"unknown fault {f!r}; known: {', '.join(nemesis.FAULTS)}")
     base = Path(a.dir or tempfile.mkdtemp(prefix="mmproxy-campaign-"))
+    # SIGTERM ends the campaign like Ctrl-C: everything it started is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     camp = Campaign(base, workload=a.workload, nodes=a.nodes, seed=a.seed, faults=faults,
                     warm_s=a.warm_s, hold_s=a.hold_s, settle_s=a.settle_s,
                     log_level=a.log_level)

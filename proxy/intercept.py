@@ -27,9 +27,12 @@ import pglast
 from pglast import ast
 from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
 
-from common.sql import quote_ident, quote_literal
+from common.sql import quote_ident, quote_literal, quote_literal_any
 
 COMMIT, PASS, WRAP, REFUSE = "commit", "pass", "wrap", "refuse"
+# A multi-statement query string with transaction commands or DDL in it: run
+# statement by statement, with PostgreSQL's implicit-block semantics.
+SPLIT = "split"
 # A client's own PREPARE TRANSACTION, and COMMIT/ROLLBACK PREPARED of it.
 USER_PREPARE, USER_FINISH = "user_prepare", "user_finish"
 SERIALIZATION_FAILURE = "40001"
@@ -68,27 +71,18 @@ class Plan:
     rels: tuple = ()
     gid: str = ""            # USER_PREPARE / USER_FINISH: the client's gid
     commit: bool = False     # USER_FINISH: COMMIT (else ROLLBACK) PREPARED
-
-
-def combine(plans: list) -> Plan:
-    """The plan of an extended-protocol batch: the strictest of its Executes."""
-    if not plans:
-        return Plan(PASS)
-    if any(p.kind in (USER_PREPARE, USER_FINISH) for p in plans):
-        return Plan(REFUSE, reason="PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED "
-                                   "go through the cluster with the simple query protocol only")
-    for kind in (REFUSE, COMMIT):
-        for p in plans:
-            if p.kind == kind:
-                return p
-    wraps = [p for p in plans if p.kind == WRAP]
-    if not wraps:
-        return Plan(PASS)
-    ddl = [p for p in wraps if p.ddl]
-    if len(ddl) > 1:
-        return Plan(REFUSE, reason="more than one DDL statement in one extended-protocol "
-                                   "batch cannot be replicated; send them one by one")
-    return ddl[0] if ddl else wraps[0]
+    # A transaction command: begin, commit, rollback, savepoint, release,
+    # rollback_to (PREPARE TRANSACTION and COMMIT/ROLLBACK PREPARED have
+    # their own kinds).
+    txn: str = ""
+    # NOTIFY, LISTEN, UNLISTEN: PostgreSQL cannot PREPARE a transaction that
+    # ran one, so inside a transaction the proxy runs it after the commit
+    # (this is the statement to run then).
+    deferred: str = ""
+    # SPLIT: a query string run statement by statement (see Session):
+    # ((statement text, its Plan), ...)
+    parts: tuple = ()
+    procedure: bool = False  # a CALL: may COMMIT inside (refused with a clear error)
 
 
 def _has_function_call(node) -> bool:
@@ -96,20 +90,6 @@ def _has_function_call(node) -> bool:
         if isinstance(n, (ast.FuncCall, ast.SubLink)) or (
                 isinstance(n, ast.SelectStmt) and n.lockingClause):
             return True
-    return False
-
-
-def _writes_rows(s) -> bool:
-    """May ``s`` write rows (as opposed to DDL)?"""
-    if isinstance(s, _DML_TYPES):
-        return True
-    if isinstance(s, ast.CopyStmt):
-        return bool(s.is_from)
-    if isinstance(s, ast.ExplainStmt):
-        return any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
-    if isinstance(s, ast.SelectStmt):
-        return (s.intoClause is None and not _calls_make_table_local(s)
-                and _has_function_call(s))
     return False
 
 
@@ -217,114 +197,142 @@ def classify(sql: str) -> Plan:
     return plan
 
 
+_TXN = {TransactionStmtKind.TRANS_STMT_BEGIN: "begin", TransactionStmtKind.TRANS_STMT_START: "begin",
+        TransactionStmtKind.TRANS_STMT_COMMIT: "commit",
+        TransactionStmtKind.TRANS_STMT_ROLLBACK: "rollback",
+        TransactionStmtKind.TRANS_STMT_SAVEPOINT: "savepoint",
+        TransactionStmtKind.TRANS_STMT_RELEASE: "release",
+        TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: "rollback_to"}
+
+
+def _commits_inside(s) -> bool:
+    """A DO block whose PL/pgSQL code runs COMMIT or ROLLBACK (keywords, not
+    text in string literals: the scanner tells them apart)."""
+    body = lang = None
+    for a in s.args or ():
+        if a.defname == "as":
+            body = a.arg.sval
+        elif a.defname == "language":
+            lang = a.arg.sval
+    if body is None or (lang or "plpgsql").lower() != "plpgsql":
+        return False
+    try:
+        tokens = pglast.parser.scan(body)
+    except pglast.parser.ParseError:
+        return False
+    return any(t.name in ("COMMIT", "ROLLBACK") for t in tokens)
+
+
+def _classify_one(text: str, s) -> Plan:
+    """The plan of one statement ``s`` (its text ``text``)."""
+    if isinstance(s, ast.TransactionStmt):
+        finish = s.kind in (TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+                            TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED)
+        if finish and (s.gid or "").startswith("MTM-"):
+            return Plan(REFUSE, reason=f"transaction {s.gid} is managed by the cluster's "
+                                       "commit protocol and cannot be finished by hand")
+        if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE:
+            return Plan(USER_PREPARE, gid=s.gid)
+        if finish:
+            return Plan(USER_FINISH, gid=s.gid,
+                        commit=s.kind == TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED)
+        if s.chain:
+            return Plan(REFUSE, reason="COMMIT AND CHAIN / ROLLBACK AND CHAIN is not "
+                                       "supported by the cluster")
+        txn = _TXN.get(s.kind, "")
+        return Plan(COMMIT if txn == "commit" else PASS, txn=txn)
+    if isinstance(s, ast.IndexStmt) and s.concurrent:
+        return Plan(REFUSE, reason="CREATE INDEX CONCURRENTLY cannot be replicated; "
+                                   "use CREATE INDEX")
+    if isinstance(s, ast.DropStmt) and s.concurrent:
+        return Plan(REFUSE, reason="DROP INDEX CONCURRENTLY cannot be replicated; "
+                                   "use DROP INDEX")
+    if isinstance(s, (ast.NotifyStmt, ast.ListenStmt, ast.UnlistenStmt)):
+        return Plan(PASS, deferred=text)
+    if isinstance(s, ast.DoStmt) and _commits_inside(s):
+        return Plan(REFUSE, reason="a DO block that runs COMMIT or ROLLBACK cannot run through "
+                                   "a cluster node: every commit must go through the cluster's "
+                                   "commit protocol, which a block's inner COMMIT bypasses; "
+                                   "commit from the client instead")
+    if isinstance(s, _PASS_TYPES):
+        return Plan(PASS)
+    if isinstance(s, ast.ExplainStmt):
+        analyze = any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
+        return Plan(WRAP) if analyze else Plan(PASS)
+    if isinstance(s, ast.SelectStmt) and _calls_make_table_local(s):
+        return Plan(WRAP, ddl=True, sql=text)
+    if isinstance(s, ast.SelectStmt):
+        if s.intoClause is not None and s.intoClause.rel.relpersistence == "t":
+            return Plan(WRAP, temp=True)
+        if s.intoClause is not None:
+            return Plan(WRAP, ddl=True, makes_rows=True, sql=text)
+        return Plan(WRAP) if _has_function_call(s) else Plan(PASS)
+    if isinstance(s, ast.CopyStmt):
+        return Plan(WRAP) if s.is_from else Plan(PASS)
+    if isinstance(s, _DML_TYPES):
+        return Plan(WRAP, procedure=isinstance(s, ast.CallStmt))
+    if _is_temp_ddl(s):
+        return Plan(WRAP, temp=True)
+    if _calls_make_table_local(s):
+        return Plan(WRAP, ddl=True, sql=text)
+    rels = _grant_rels(s)
+    return Plan(WRAP, ddl=True, makes_rows=isinstance(s, ast.CreateTableAsStmt), sql=text,
+                drop=isinstance(s, ast.DropStmt),
+                staged=not isinstance(s, ast.CreateTableAsStmt) and (
+                    _maybe_on_temp(s) or bool(rels)), rels=rels)
+
+
 def _classify(sql: str, stmts) -> Plan:
     if not stmts:
         return Plan(PASS)
-    if len(stmts) > 1 and any(
-            isinstance(r.stmt, ast.TransactionStmt) and r.stmt.kind in _TWO_PHASE for r in stmts):
+    if len(stmts) == 1:
+        return _classify_one(sql, stmts[0].stmt)
+    texts = pglast.parser.split(sql, with_parser=True)
+    plans = [_classify_one(t, r.stmt) for t, r in zip(texts, stmts)]
+    if any(p.kind in (USER_PREPARE, USER_FINISH) for p in plans):
         return Plan(REFUSE, reason="PREPARE TRANSACTION, COMMIT PREPARED and ROLLBACK PREPARED "
                                    "must be sent on their own")
-    kinds = []
-    ddl = makes_rows = False
-    for raw in stmts:
-        s = raw.stmt
-        if isinstance(s, ast.TransactionStmt):
-            finish = s.kind in (TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
-                                TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED)
-            if finish and (s.gid or "").startswith("MTM-"):
-                return Plan(REFUSE, reason=f"transaction {s.gid} is managed by the cluster's "
-                                           "commit protocol and cannot be finished by hand")
-            if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE or finish:
-                if s.kind == TransactionStmtKind.TRANS_STMT_PREPARE:
-                    return Plan(USER_PREPARE, gid=s.gid)
-                return Plan(USER_FINISH, gid=s.gid,
-                            commit=s.kind == TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED)
-            if s.chain:
-                return Plan(REFUSE, reason="COMMIT AND CHAIN / ROLLBACK AND CHAIN is not "
-                                           "supported by the cluster")
-            return Plan(PASS)   # the client manages its transaction itself
-        if isinstance(s, ast.IndexStmt) and s.concurrent:
-            return Plan(REFUSE, reason="CREATE INDEX CONCURRENTLY cannot be replicated; "
-                                       "use CREATE INDEX")
-        if isinstance(s, ast.DropStmt) and s.concurrent:
-            return Plan(REFUSE, reason="DROP INDEX CONCURRENTLY cannot be replicated; "
-                                       "use DROP INDEX")
-        if isinstance(s, _PASS_TYPES):
-            kinds.append(PASS)
-        elif isinstance(s, ast.ExplainStmt):
-            analyze = any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
-            kinds.append(WRAP if analyze else PASS)
-        elif isinstance(s, ast.SelectStmt) and _calls_make_table_local(s):
-            ddl = True
-            kinds.append(WRAP)
-        elif isinstance(s, ast.SelectStmt):
-            if s.intoClause is not None and s.intoClause.rel.relpersistence == "t":
-                return Plan(WRAP, temp=True)
-            if s.intoClause is not None:
-                ddl = makes_rows = True
-                kinds.append(WRAP)
-            else:
-                kinds.append(WRAP if _has_function_call(s) else PASS)
-        elif isinstance(s, ast.CopyStmt):
-            kinds.append(WRAP if s.is_from else PASS)
-        elif isinstance(s, _DML_TYPES):
-            kinds.append(WRAP)
-        elif _is_temp_ddl(s):
-            return Plan(WRAP, temp=True)
-        elif _calls_make_table_local(s):
-            ddl = True
-            kinds.append(WRAP)
-        else:
-            ddl = True
-            if isinstance(s, ast.CreateTableAsStmt):
-                makes_rows = True
-            kinds.append(WRAP)
-    if WRAP in kinds:
-        if ddl and len(stmts) > 1 and any(_writes_rows(r.stmt) for r in stmts):
-            # The DDL is shipped as the string's text and replayed whole on
-            # the peers, which would run the data changes twice.
-            return Plan(REFUSE, reason="a query string that changes both the schema and data "
-                                       "cannot be replicated; send the DDL in a query of its own")
-        if ddl:
-            sql_text = sql
-        else:
-            sql_text = ""
-        if any(isinstance(r.stmt, _PASS_TYPES) and isinstance(
-                r.stmt, (ast.VacuumStmt, ast.CreatedbStmt, ast.DropdbStmt, ast.AlterSystemStmt))
-                for r in stmts):
-            return Plan(REFUSE, reason="this statement cannot run in the same query string as "
-                                       "statements that change data; send it on its own")
-        drop = len(stmts) == 1 and isinstance(stmts[0].stmt, ast.DropStmt)
-        one = stmts[0].stmt if len(stmts) == 1 and ddl and not makes_rows else None
-        rels = _grant_rels(one)
-        staged = one is not None and (_maybe_on_temp(one) or bool(rels))
-        return Plan(WRAP, ddl=ddl, makes_rows=makes_rows, sql=sql_text, drop=drop,
-                    staged=staged, rels=rels)
-    return Plan(PASS)
+    refused = next((p for p in plans if p.kind == REFUSE), None)
+    if refused is not None:
+        return refused
+    if all(p.kind == PASS and not p.txn and not p.deferred for p in plans):
+        return Plan(PASS)
+    if any(p.txn or p.ddl or p.temp or p.deferred for p in plans):
+        # Transaction commands, DDL (shipped statement by statement) or a
+        # NOTIFY among the statements: run them one by one.
+        return Plan(SPLIT, parts=tuple(zip(texts, plans)))
+    # Reads and data changes only: one implicit transaction, wrapped whole.
+    return Plan(WRAP, procedure=any(p.procedure for p in plans))
 
 
 def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False,
                 rels: tuple = ()) -> str:
-    """Run before a DDL Query, in its transaction: lets the DDL guard pass
-    and ships the statement as text with the session context it needs.
-    A DROP is only staged: the sql_drop event trigger (mtm.on_sql_drop)
-    ships it unless everything it dropped was temporary, which exists on
-    this node only. So is DDL on a table that may be temporary (``staged``):
-    the ddl_command_end event trigger (mtm.on_ddl_end) ships it, after the
-    statement ran, unless every object it made or changed is temporary
-    (for GRANT/REVOKE: every table in ``rels``)."""
-    extra = f", 'rels', {quote_literal(json.dumps(list(rels)))}::json" if rels else ""
-    ddl = (f"json_build_object('sql', {quote_literal(query)}, "
+    """One statement, run before a DDL statement, in its transaction: lets
+    the DDL guard pass and ships the statement as text with the session
+    context it needs. A DROP is only staged: the sql_drop event trigger
+    (mtm.on_sql_drop) ships it unless everything it dropped was temporary,
+    which exists on this node only. So is DDL on a table that may be
+    temporary (``staged``): the ddl_command_end event trigger
+    (mtm.on_ddl_end) ships it, after the statement ran, unless every object
+    it made or changed is temporary (for GRANT/REVOKE: every table in
+    ``rels``). Literals are E'...': they mean the same whatever the
+    session's standard_conforming_strings, so the text shipped is exactly
+    the text the client sent."""
+    extra = f", 'rels', {quote_literal_any(json.dumps(list(rels)))}::json" if rels else ""
+    ddl = (f"json_build_object('sql', {quote_literal_any(query)}, "
            "'search_path', current_setting('search_path'), 'role', current_user, "
            f"'makes_rows', {'true' if makes_rows else 'false'}{extra})::text")
+    capture = "set_config('mtm.capture', 'on', true)"
     if drop:
-        return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_drop', {ddl}, true)"
+        return f"SELECT {capture}, set_config('mtm.pending_drop', {ddl}, true)"
     if staged:
-        return f"SET LOCAL mtm.capture = 'on'; SELECT set_config('mtm.pending_ddl', {ddl}, true)"
-    return ("SET LOCAL mtm.capture = 'on'; SET LOCAL mtm.ddl_shipped = 'on'; "
-            f"SELECT pg_logical_emit_message(true, 'mtm_ddl', {ddl})")
+        return f"SELECT {capture}, set_config('mtm.pending_ddl', {ddl}, true)"
+    return (f"SELECT {capture}, set_config('mtm.ddl_shipped', 'on', true), "
+            f"pg_logical_emit_message(true, 'mtm_ddl', {ddl})")
 
 
+# Lets temporary-table DDL past the DDL guard without shipping it.
+CAPTURE_LOCAL_SQL = "SELECT set_config('mtm.capture', 'on', true)"
 DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
 # At COMMIT: did the transaction write (has an xid), did it touch a
 # temporary table, and does it have anything for the peers - DDL it shipped,
@@ -357,26 +365,36 @@ def _commit_check_sql(uses_temp: bool) -> str:
 COMMIT_CHECK_SQL = {False: _commit_check_sql(False), True: _commit_check_sql(True)}
 
 
-TEMP_COMMIT_SQL = "SET LOCAL mtm.temp_commit = 'on'; COMMIT"
+# Before a plain COMMIT of a transaction that used temporary tables: the
+# commit guard refuses it if it also wrote replicated tables.
+TEMP_COMMIT_MARK_SQL = "SELECT set_config('mtm.temp_commit', 'on', true)"
 
 
-def prepare_sql(gid: str) -> str:
-    """Our PREPARE. The logical message makes sure the transaction decodes
+def prepare_sql(gid: str) -> tuple[str, str]:
+    """Our PREPARE, as two statements. The first lets the commit guard pass
+    and writes a logical message, which makes sure the transaction decodes
     with content: one that only advanced sequences would otherwise reach the
     peers as a lone COMMIT PREPARED (PG15-FACTS), with nothing to vote on."""
-    g = quote_literal(gid)
-    return (f"SET LOCAL mtm.preparing = 'on'; "
-            f"SELECT pg_logical_emit_message(true, 'mtm_prepare', {g}); PREPARE TRANSACTION {g}")
+    g = quote_literal_any(gid)
+    return (f"SELECT set_config('mtm.preparing', 'on', true), "
+            f"pg_logical_emit_message(true, 'mtm_prepare', {g})", f"PREPARE TRANSACTION {g}")
 
 
 def user_gid_lookup_sql(user_gid: str) -> str:
     """The cluster gid under which the client's ``user_gid`` is prepared."""
     return ("SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
             "AND gid ~ '^MTM-[0-9]+-[0-9]+-[0-9]+:' "
-            f"AND substr(gid, strpos(gid, ':') + 1) = {quote_literal(user_gid)}")
+            f"AND substr(gid, strpos(gid, ':') + 1) = {quote_literal_any(user_gid)}")
 
 
 def wound_sql(message: str) -> str:
     """Fails the current transaction with 40001 (see Session.wound)."""
-    return ("DO $mtm$BEGIN RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = "
-            f"{quote_literal(message)}; END$mtm$")
+    return fail_sql("40001", message)
+
+
+def fail_sql(sqlstate: str, message: str) -> str:
+    """A statement that fails with ``sqlstate``: puts the backend's
+    transaction in the state an error leaves it in (the proxy answered the
+    client's statement itself, with this error)."""
+    return (f"DO $mtm$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', MESSAGE = "
+            f"{quote_literal_any(message)}; END$mtm$")

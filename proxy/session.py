@@ -35,6 +35,7 @@ from typing import Callable
 from replication.commit import USER_GID_SEP
 
 from . import intercept, wire
+from .clusterpath import ClusterPath
 from .wire import Framer, Message, ProtocolViolation
 
 # SQLSTATEs the proxy itself raises (PostgreSQL Appendix A).
@@ -155,9 +156,8 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error", "_zseen", "cluster", "next_gid", "_flow", "_held", "_batch",
-        "_batch_plans", "_stmts", "_portals", "_plan_cache", "_uses_temp", "wounded",
-        "_wound_cancel", "wound_seq", "_wound_answer")
+        "_drain_error", "_zseen", "cluster", "next_gid", "cp", "wounded",
+        "_wound_cancel", "wound_seq", "wound_answer")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
         self.phase = Phase.STARTUP
@@ -185,14 +185,7 @@ class Session:
         self._zseen = 0            # self._sf.peeked already applied
         self.cluster = False       # commits go through the cluster protocol
         self.next_gid: Callable[[], str] | None = None
-        self._flow: _Flow | None = None
-        self._held = b""           # client bytes held while a flow runs
-        self._batch: list | None = None   # extended-protocol messages up to Sync
-        self._batch_plans: list = []
-        self._stmts: dict[str, object] = {}     # prepared statement -> Plan
-        self._portals: dict[str, str] = {}      # portal -> statement
-        self._plan_cache: dict[str, object] = {}
-        self._uses_temp = False    # this session created temporary objects
+        self.cp: ClusterPath | None = None      # the cluster path (proxy/clusterpath.py)
         # Set by wound-wait: this session's transaction holds a lock an
         # older cluster transaction needs. The message the client gets.
         self.wounded: str | None = None
@@ -204,7 +197,7 @@ class Session:
         # The 40001 owed to the client after a wound failed its transaction
         # on the backend while it sat idle in it (see ``wound``): the client
         # has not heard of it yet.
-        self._wound_answer: bytes | None = None
+        self.wound_answer: bytes | None = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -223,6 +216,9 @@ class Session:
     def idle(self) -> bool:
         """Outside any transaction with nothing in flight: a safe point to
         end the session without losing work."""
+        if self.cp is not None:
+            return (self.phase is Phase.READY and self.cp.idle and self._cf.at_boundary
+                    and self._sf.at_boundary)
         return (self.phase is Phase.READY and self.txn_status == b"I"
                 and self.pending_syncs == 0 and self._cf.at_boundary
                 and self._sf.at_boundary)
@@ -236,21 +232,39 @@ class Session:
                       max_inspect_len=wire.MAX_MESSAGE_LEN, count=count)
 
     def set_cluster(self, on: bool, next_gid: Callable[[], str] | None = None) -> None:
-        """Turn commit interception on: from now on every Query is looked at
-        (intercept.classify) and writes go through the commit protocol."""
+        """Turn commit interception on: from now on every client message
+        goes through the cluster path (proxy/clusterpath.py) and writes go
+        through the commit protocol."""
         self.cluster = on
         self.next_gid = next_gid
+        if on and self.cp is None:
+            self.cp = ClusterPath(self)
+            self.cp.blk = {b"I": "I", b"T": "T", b"E": "E"}[self.txn_status]
         if self._auth_ok:
             self._cf = self._ready_client_framer().carry_from(self._cf)
             self._counted = 0
+            if self.phase is Phase.READY and on:
+                self.set_server_framer(False)
+
+    def set_server_framer(self, all_types: bool) -> None:
+        """Cluster mode: every backend message but DataRow and CopyData is
+        inspected (every answer is attributed to what caused it); while the
+        proxy's own statements run, everything is."""
+        self._sf = Framer(_ALL_BACKEND if all_types else _CLUSTER_SERVER_INSPECT,
+                          frontend=False).carry_from(self._sf)
 
     # -- client side ---------------------------------------------------------
 
     def client_bytes(self, data: bytes) -> bytes | None:
         """Bytes from the client. Returns what to send to the backend."""
         phase = self.phase
-        if self._flow is not None and phase is Phase.READY:
-            return self._flow_client_bytes(data)
+        if self.cp is not None and phase is Phase.READY:
+            try:
+                items = self._cf.feed(data)
+            except ProtocolViolation as e:
+                self.cp.drain_error = str(e)
+                return self.cp.on_client(list(e.before))
+            return self.cp.on_client(items)
         try:
             if phase is Phase.READY or (phase is Phase.AUTH and self._auth_ok):
                 # Hot path, inlined: complete messages, none inspected. (After
@@ -294,51 +308,16 @@ class Session:
 
     def _client_ready_items(self, items: list) -> bytes | None:
         out = []
-        for i, it in enumerate(items):
+        for it in items:
             if it.__class__ is not Message:
-                if self._batch is not None:
-                    self._batch.append(it)
-                else:
-                    out.append(it)
+                out.append(it)
                 continue
-            t = it.type
-            if t == _Q:
-                fwd = self._on_query(it, items[i + 1:])
-                if fwd is None:
-                    break           # a flow took over; the rest is held
-                out.append(fwd)
-            elif t in (_P, _B, _EXEC):
-                self._batch_add(it)
-            elif t == _DESCRIBE or t == _CLOSE:
-                if self._batch is None:
-                    self._batch = []
-                self._batch.append(it.raw)
-            elif t == _F:
-                self.pending_syncs += 1     # FunctionCall ends with ReadyForQuery
-                out.append(it.raw)
-            elif t == _SYNC:
-                if self._batch is None:
-                    self._batch = []
-                self._batch.append(it.raw)
-                fwd = self._on_batch(items[i + 1:])
-                if fwd is None:
-                    break
-                out.append(fwd)
-            elif t == _FLUSH:
-                # The client wants answers before its Sync: send what we
-                # have (a write in it is stopped by the commit guard at Sync
-                # if it was not inside a transaction).
-                if self._batch:
-                    out.extend(self._batch)
-                self._batch = None
-                self._batch_plans = []
-                out.append(it.raw)
-            else:
-                # Terminate: forward it, then close both sides.
-                out.append(it.raw)
-                self.effects.append(Close("client terminated"))
-                self.phase = Phase.CLOSED
-                break
+            # Terminate (the only type inspected outside cluster mode):
+            # forward it, then close both sides.
+            out.append(it.raw)
+            self.effects.append(Close("client terminated"))
+            self.phase = Phase.CLOSED
+            break
         return b"".join(out) if out else None
 
     def _client_auth(self, data: bytes) -> bytes | None:
@@ -468,25 +447,21 @@ class Session:
         phase = self.phase
         if phase is not Phase.READY and phase is not Phase.DRAINING:
             if phase is Phase.AUTH:
-                return self._server_auth(items)
+                out = self._server_auth(items)
+                if self.phase is Phase.READY and self.cp is not None:
+                    self.set_server_framer(False)
+                return out
             return None  # closed: drop
-        if self._flow is not None and self._flow.final != "deferred":
-            return self._flow_server(items)
+        if self.cp is not None and phase is Phase.READY:
+            return self.cp.on_server(items)
         if sf.peeked != self._zseen:
             # ReadyForQuery seen: a statement cycle ended.
             done = sf.peeked - self._zseen
             self._zseen = sf.peeked
             self.pending_syncs = max(0, self.pending_syncs - done)
             self.txn_status = _TXN_STATUS.get(sf.last_peek, self.txn_status)
-            if self._wound_answer is not None and self.txn_status != b"E":
-                self._wound_answer = None   # rolled back (to a savepoint) by the client
             if phase is Phase.DRAINING or self.shutting_down:
                 return self._after_cycle(items)
-            if self._flow is not None and self.pending_syncs == 0:
-                out = self._join_ready(items) if len(items) > 1 or items[0].__class__ is \
-                    Message else items[0]
-                self._resume_deferred()
-                return out
         if len(items) == 1 and items[0].__class__ is not Message:
             return items[0]
         return self._join_ready(items)
@@ -504,21 +479,20 @@ class Session:
         (a statement of the proxy's own raises the 40001 there), so its
         locks go now rather than when the client next speaks; the client
         gets the 40001 as the answer to its next statement (see
-        ``_wound_answer``). Otherwise (a commit flow is running, or a
-        batch is half sent) the next statement fails."""
-        if self.phase is not Phase.READY or self.txn_status != b"T":
+        ``wound_answer``). Otherwise (a commit is running, or the client
+        has messages in flight) the next statement fails."""
+        cp = self.cp
+        if self.phase is not Phase.READY or cp is None or cp.blk not in ("T", "W"):
             return False
-        if self._flow is not None and self._flow.final == "wound_idle":
+        if cp.wounding:
             return False
-        if self.wounded is None and self._idle_in_transaction():
-            self._flow = _Flow(raw=b"", plan=None, steps=[("own", intercept.wound_sql(message))],
-                               final="wound_idle")
-            self._sf = Framer(_ALL_BACKEND, frontend=False).carry_from(self._sf)
-            self._flow_advance()
+        if self.wounded is None and cp.idle_in_transaction() and self._cf.at_boundary \
+                and self._sf.at_boundary:
+            cp.wound_idle(message)
             return False
         if self.wounded is None:
             self.wounded = message
-        if self.pending_syncs > 0 and self._wound_cancel is None:
+        if cp.running_statement() and self._wound_cancel is None:
             self._wound_cancel = self.wounded
             self.wound_seq += 1
             return True
@@ -527,19 +501,25 @@ class Session:
     @property
     def is_wounded(self) -> bool:
         """A wound is pending or its 40001 is still owed to the client."""
-        return (self.wounded is not None or self._wound_answer is not None
-                or (self._flow is not None and self._flow.final == "wound_idle"))
-
-    def _idle_in_transaction(self) -> bool:
-        return (self.cluster and self._flow is None and self.pending_syncs == 0
-                and self._batch is None and not self._held and self._cf.at_boundary
-                and self._sf.at_boundary)
+        return (self.wounded is not None or self.wound_answer is not None
+                or (self.cp is not None and self.cp.wounding))
 
     def wound_cancel_settled(self, seq: int) -> None:
         if seq == self.wound_seq:
             self._wound_cancel = None
 
-    def _rewrite_wound(self, m: Message) -> bytes:
+    def take_wound(self) -> str:
+        msg, self.wounded = self.wounded, None
+        return msg
+
+    def take_wound_answer(self) -> bytes:
+        err, self.wound_answer = self.wound_answer, None
+        return err
+
+    def set_wound_answer(self, err: bytes) -> None:
+        self.wound_answer = err
+
+    def rewrite_error(self, m: Message) -> bytes:
         """A cancel we sent for wound-wait reaches the client as 40001.
         (A cancel can land after the statement it was meant for, and a
         protocol CancelRequest signals the backend's process group too, so
@@ -549,12 +529,36 @@ class Session:
             msg = self.wounded or self._wound_cancel
             self.wounded = None
             return wire.error_response(intercept.SERIALIZATION_FAILURE, msg)
-        if self._wound_answer is not None and b"C25P02\0" in m.body:
+        if self.wound_answer is not None and b"C25P02\0" in m.body:
             # "current transaction is aborted": the client's first word
             # since the wound failed its transaction; it gets the wound's.
-            answer, self._wound_answer = self._wound_answer, None
-            return answer
+            return self.take_wound_answer()
         return m.raw
+
+    _rewrite_wound = rewrite_error
+
+    def ready_seen(self, status: bytes) -> None:
+        if self.wound_answer is not None and status != b"E":
+            self.wound_answer = None      # rolled back (to a savepoint) by the client
+
+    def after_cycle(self, out: list) -> None:
+        """Cluster mode: a ReadyForQuery reached the client; end the session
+        here if it is shutting down and nothing else is in flight."""
+        if self.shutting_down and self.cp is not None and self.cp.prog is None \
+                and not self.cp.inq and len(self.cp.trk.pending) == 0 \
+                and self.txn_status == b"I":
+            self._end_for_shutdown(out)
+
+    def note_error(self, m: Message) -> None:
+        self._note_error(m)
+
+    def client_terminated(self) -> None:
+        self.effects.append(Close("client terminated"))
+        self.phase = Phase.CLOSED
+
+    def drain_done(self, error: str) -> None:
+        """A protocol violation, and every message before it answered."""
+        self._fail(PROTOCOL_VIOLATION, error)
 
     def _join_ready(self, items: list) -> bytes:
         out = []
@@ -630,359 +634,13 @@ class Session:
         return b"".join(out) if out else None
 
 
-    # -- cluster commit interception (simple protocol) ---------------------------
-    #
-    # A flow runs the proxy's own statements on the session's backend around
-    # the client's Query: BEGIN (+ DDL capture), the client's Query, the
-    # xid check, PREPARE TRANSACTION, then RunCommit; the client sees only
-    # the answers to its own Query and one ReadyForQuery at the end. While
-    # a flow runs, client bytes are held (COPY data of the client's own
-    # Query excepted) and replayed when it ends.
-
-    def _plan(self, sql: str):
-        plan = self._plan_cache.get(sql)
-        if plan is None:
-            if len(self._plan_cache) >= _STMT_CACHE_MAX:
-                self._plan_cache.clear()
-            plan = self._plan_cache[sql] = intercept.classify(sql)
-        return plan
-
-    def _batch_add(self, m: Message) -> None:
-        if self._batch is None:
-            self._batch = []
-        self._batch.append(m.raw)
-        msg = m.decode(frontend=True)
-        if m.type == _P:
-            if len(self._stmts) >= _STMT_CACHE_MAX:
-                self._stmts.clear()
-            self._stmts[msg.name] = self._plan(msg.sql)
-        elif m.type == _B:
-            self._portals[msg.portal] = msg.statement
-        else:
-            plan = self._stmts.get(self._portals.get(msg.portal, ""))
-            # A statement prepared before cluster mode began is unknown:
-            # treat it as a possible write.
-            self._batch_plans.append(plan or intercept.Plan(intercept.WRAP))
-
-    def _on_batch(self, rest: list) -> bytes | None:
-        raw = b"".join(self._batch)
-        plans, self._batch, self._batch_plans = self._batch_plans, None, []
-        return self._intercept(raw, intercept.combine(plans), None, rest, extended=True)
-
-    def _on_query(self, m: Message, rest: list) -> bytes | None:
-        """A client Query in cluster mode: forward it (returns its bytes) or
-        start a flow (returns None; ``rest`` is held)."""
-        sql = m.body[:-1].decode("utf-8", "replace")
-        return self._intercept(m.raw, self._plan(sql), sql, rest, extended=False)
-
-    def _intercept(self, raw: bytes, plan, sql: str | None, rest: list, *,
-                   extended: bool) -> bytes | None:
-        status = self.txn_status
-        kind = plan.kind
-        steps: list = []
-        final = ""
-        if self._wound_answer is not None and status == b"E" and kind in (
-                intercept.COMMIT, intercept.USER_PREPARE):
-            # PostgreSQL would answer COMMIT / PREPARE TRANSACTION of a
-            # failed transaction with a plain "ROLLBACK": the client, who
-            # has not heard of the wound yet, gets its 40001 instead.
-            final = "refuse"
-        elif self.wounded is not None and status == b"T":
-            # Wounded while idle in its transaction: fail the transaction on
-            # the backend for real (so a later COMMIT becomes ROLLBACK) and
-            # answer this statement with the 40001.
-            msg, self.wounded = self.wounded, None
-            steps = [("own", intercept.wound_sql(msg))]
-            final = "wound"
-        elif kind == intercept.REFUSE:
-            final = "refuse"
-        elif plan.temp:
-            # Temporary objects stay on this node and PostgreSQL cannot
-            # PREPARE a transaction that used them: run the DDL past the DDL
-            # guard without shipping it, and commit plainly.
-            self._uses_temp = True
-            if status == b"I":
-                steps = [("own", "BEGIN; SET LOCAL mtm.capture = 'on'"), ("client",),
-                         ("own", "COMMIT")]
-                final = "wrap"
-            elif status == b"T":
-                steps, final = [("own", "SET LOCAL mtm.capture = 'on'"), ("client",)], "relay"
-            else:
-                self.pending_syncs += 1
-                return raw
-        elif kind == intercept.COMMIT and status == b"T":
-            steps, final = [("xid",)], ("xcommit" if extended else "commit")
-        elif kind == intercept.USER_PREPARE and status == b"T":
-            steps, final = [("xid",)], "uprepare"
-        elif kind == intercept.USER_FINISH and status == b"I":
-            steps, final = [("lookup",)], "ufinish"
-        elif kind == intercept.WRAP and status == b"I":
-            first = "BEGIN"
-            if plan.ddl:
-                first += "; " + self._capture(plan, sql)
-            steps = [("own", first), ("client",)]
-            if plan.makes_rows:
-                steps.append(("own", intercept.DDL_END_SQL))
-            steps.append(("xid",))
-            final = "wrap"
-        elif kind == intercept.WRAP and status == b"T" and plan.ddl:
-            steps = [("own", self._capture(plan, sql)), ("client",)]
-            if plan.makes_rows:
-                steps.append(("own", intercept.DDL_END_SQL))
-            final = "relay"
-        else:
-            self.pending_syncs += 1
-            return raw
-        if self.pending_syncs or not self._sf.at_boundary:
-            # Answers to earlier cycles are still coming: hold this one and
-            # everything after it until they are in.
-            self._held += raw
-            self._hold_from(None, rest)
-            self._flow = _Flow(raw=raw, plan=None, steps=[], final="deferred")
-            return None
-        self._hold_from(None, rest)
-        if final == "refuse":
-            if self._wound_answer is not None and status == b"E":
-                err, self._wound_answer = self._wound_answer, None
-            else:
-                err = wire.error_response(FEATURE_NOT_SUPPORTED, plan.reason)
-            self.effects.append(SendClient(
-                err + wire.ReadyForQuery(b"E" if status != b"I" else b"I").encode()))
-            if status != b"I":
-                self.txn_status = b"E"
-            self._release_held()
-            return None
-        self._flow = _Flow(raw=raw, plan=plan, steps=steps, final=final)
-        self._sf = Framer(_ALL_BACKEND, frontend=False).carry_from(self._sf)
-        self._flow_advance()
-        return None
-
-    @staticmethod
-    def _capture(plan, sql: str | None) -> str:
-        if sql is None:
-            # DDL through the extended protocol: the statement text is in
-            # the Parse message; ship it as the DDL guard's refusal would
-            # otherwise stop it.
-            sql = plan.sql
-        return intercept.capture_sql(sql, plan.makes_rows, plan.drop, plan.staged, plan.rels)
-
-    def _hold_from(self, m: Message | None, rest: list) -> None:
-        parts = [m.raw] if m is not None else []
-        parts += [it.raw if it.__class__ is Message else it for it in rest]
-        self._held += b"".join(parts)
-
-    def _flow_client_bytes(self, data: bytes) -> bytes | None:
-        f = self._flow
-        if f.step == ("client",) and not self._held:
-            # COPY FROM STDIN of the client's own statement: raw runs are
-            # COPY data (every other type is inspected in cluster mode) and
-            # pass; the first other message and all after it are held.
-            try:
-                items = self._cf.feed(data)
-            except ProtocolViolation as e:
-                self._fail(PROTOCOL_VIOLATION, str(e))
-                return None
-            out = []
-            for i, it in enumerate(items):
-                if it.__class__ is Message:
-                    self._hold_from(it, items[i + 1:])
-                    break
-                out.append(it)
-            return b"".join(out) if out else None
-        if len(self._held) + len(data) > wire.MAX_MESSAGE_LEN:
-            self._fail(PROTOCOL_VIOLATION, "too much data pipelined during a commit")
-            return None
-        self._held += data
-        return None
-
-    def _flow_advance(self) -> None:
-        f = self._flow
-        if not f.steps:
-            self._flow_finish(f.pending_error)
-            return
-        f.step = step = f.steps.pop(0)
-        f.rows = []
-        f.error = None
-        if step[0] == "own":
-            self.effects.append(SendServer(wire.Query(step[1]).encode()))
-        elif step[0] == "client":
-            self.effects.append(SendServer(f.raw))
-        elif step[0] == "xid":
-            self.effects.append(SendServer(wire.Query(
-                intercept.COMMIT_CHECK_SQL[self._uses_temp]).encode()))
-        elif step[0] == "prepare":
-            f.gid = self.next_gid()
-            if f.final == "uprepare":
-                f.gid += USER_GID_SEP + f.plan.gid
-            self.effects.append(SendServer(wire.Query(intercept.prepare_sql(f.gid)).encode()))
-        elif step[0] == "lookup":
-            self.effects.append(SendServer(wire.Query(
-                intercept.user_gid_lookup_sql(f.plan.gid)).encode()))
-
-    def _flow_server(self, items: list) -> bytes | None:
-        """Backend messages while a flow runs (every type inspected)."""
-        f = self._flow
-        out = []
-        for it in items:
-            if self._flow is not f:     # the flow ended mid-read: relay the rest
-                out.append(it.raw if it.__class__ is Message else it)
-                continue
-            t = it.type
-            if f.step == ("client",):
-                if t == _Z:
-                    self._flow_step_done(it.body)
-                elif t == ord("N") and f.quiet_commit and b"C25P01\0" in it.body:
-                    pass            # "there is no transaction in progress"
-                elif t == _E:
-                    self._note_error(it)
-                    out.append(self._rewrite_wound(it))
-                else:
-                    out.append(it.raw)
-                continue
-            if t == _Z:
-                self._flow_step_done(it.body)
-            elif t == _E:
-                self._note_error(it)
-                f.error = self._rewrite_wound(it)
-            elif t == ord("D"):
-                f.rows.append(it.decode(frontend=False).values)
-            elif t in (ord("N"), ord("A"), _S):
-                out.append(it.raw)  # notices, notifications, parameter changes: the client's
-        return b"".join(out) if out else None
-
-    def _flow_step_done(self, status: bytes) -> None:
-        f = self._flow
-        step = f.step
-        self.txn_status = status
-        if f.final == "wound_idle":
-            # The client is not waiting for anything: it hears of this at
-            # its next statement.
-            self._wound_answer = f.error
-            self._flow_finish(None, tell_client=False)
-            return
-        if f.error is not None and step[0] != "client" and f.final != "wound":
-            # One of our own statements failed: the client gets its error,
-            # and a transaction the proxy opened is rolled back first.
-            if f.final == "wrap" and status != b"I" and f.pending_error is None:
-                f.pending_error = f.error
-                f.steps = [("own", "ROLLBACK")]
-                self._flow_advance()
-                return
-            self._flow_finish(f.pending_error or f.error)
-            return
-        if f.final == "wound":
-            self._flow_finish(f.error)
-            return
-        if step[0] == "client" and status == b"E":
-            if f.final == "wrap":
-                f.steps = [("own", "ROLLBACK")]
-            else:
-                f.steps = []
-        elif step[0] == "xid":
-            row = f.rows[0] if f.rows else (b"f", b"f", b"f", b"f")
-            wrote, used_temp, for_peers, ddl_shipped = (v == b"t" for v in row)
-            if f.final == "uprepare":
-                if for_peers and not used_temp:
-                    f.steps = [("prepare",)]
-                else:   # nothing for the peers: PostgreSQL prepares it here
-                    f.steps, f.final = [("client",)], "relay"
-            elif wrote and used_temp and ddl_shipped:
-                # Cannot be prepared, and committed here only its DDL would
-                # reach the peers outside the protocol: refused.
-                f.pending_error = wire.error_response(
-                    FEATURE_NOT_SUPPORTED,
-                    "a transaction that used temporary tables cannot also change the schema "
-                    "of replicated objects; it was rolled back",
-                    hint="Run the DDL in a transaction of its own.")
-                f.steps, f.final = [("own", "ROLLBACK")], "refused"
-            elif wrote and used_temp:
-                # Cannot be prepared: commit it here only. The commit guard
-                # refuses it if it also wrote replicated tables.
-                if f.final in ("commit", "xcommit"):
-                    f.steps = [("own", "SET LOCAL mtm.temp_commit = 'on'"), ("client",)]
-                    f.final = "relay"
-                else:
-                    f.steps = [("own", intercept.TEMP_COMMIT_SQL)]
-            elif for_peers:
-                f.steps = [("prepare",)]
-            elif f.final in ("commit", "xcommit"):
-                f.steps = [("client",)]      # nothing to replicate: plain COMMIT
-                f.final = "relay"
-            else:
-                f.steps = [("own", "COMMIT")]
-        elif step[0] == "prepare":
-            self.effects.append(RunCommit(f.gid, hold=f.final == "uprepare"))
-            f.step = ("outcome",)
-            return
-        elif step[0] == "lookup":
-            if f.rows and f.rows[0][0]:
-                f.gid = f.rows[0][0].decode()
-                self.effects.append(RunRelease(f.gid, f.plan.commit))
-                f.step = ("outcome",)
-                return
-            f.steps, f.final = [("client",)], "relay"   # not the cluster's: PostgreSQL's
-        self._flow_advance()
-
     def commit_outcome(self, committed: bool, sqlstate: str = "", message: str = "",
                        warning: str = "") -> None:
-        """The cluster decided the flow's transaction. ``warning``: it is
-        committed, but some node did not confirm it in time (sent to the
-        client as a WARNING notice before the COMMIT tag)."""
-        f = self._flow
-        if f is None or f.step != ("outcome",) or self.phase is not Phase.READY:
-            return
-        if committed and warning:
-            self.effects.append(SendClient(wire.error_response(
-                "01000", warning, severity="WARNING", notice=True)))
-        self.txn_status = b"I"
-        if f.final == "uprepare":
-            self._flow_finish(wire.CommandComplete("PREPARE TRANSACTION").encode() if committed
-                              else wire.error_response(sqlstate or "40000", message))
-        elif f.final == "ufinish":
-            if committed == f.plan.commit:
-                self._flow_finish(wire.CommandComplete(
-                    "COMMIT PREPARED" if committed else "ROLLBACK PREPARED").encode())
-            else:
-                self._flow_finish(wire.error_response(sqlstate or "40000", message))
-        elif committed and f.final == "xcommit":
-            # Let PostgreSQL answer the client's own extended-protocol COMMIT
-            # (ParseComplete, BindComplete, CommandComplete, in the order the
-            # client asked for them); it only adds a "no transaction in
-            # progress" warning, which is dropped.
-            f.steps = [("client",)]
-            f.final = "relay"
-            f.quiet_commit = True
-            self._flow_advance()
-        elif committed:
-            self._flow_finish(wire.CommandComplete("COMMIT").encode()
-                              if f.final == "commit" else b"")
-        else:
-            self._flow_finish(wire.error_response(sqlstate, message))
-
-    def _flow_finish(self, extra: bytes | None, *, tell_client: bool = True) -> None:
-        """End the flow: tell the client, restore relaying, replay held bytes."""
-        self._flow = None
-        self._sf = Framer(_READY_SERVER_INSPECT, frontend=False,
-                          peek=_READY_SERVER_PEEK).carry_from(self._sf)
-        self._zseen = 0
-        if tell_client:
-            # (With final "relay" and no extra, the client's own statement
-            # was answered but for its ReadyForQuery, held back until now.)
-            self.effects.append(SendClient(
-                (extra or b"") + wire.ReadyForQuery(self.txn_status).encode()))
-        self._release_held()
-
-    def _release_held(self) -> None:
-        held, self._held = self._held, b""
-        if held and self.phase is Phase.READY:
-            out = self.client_bytes(held)
-            if out:
-                self.effects.append(SendServer(out))
-
-    def _resume_deferred(self) -> None:
-        """Answers to earlier messages are in: run the held Query now."""
-        self._flow = None
-        self._release_held()
+        """The cluster decided the transaction the cluster path is
+        committing (RunCommit / RunRelease). ``warning``: it is committed,
+        but some node did not confirm it in time."""
+        if self.cp is not None and self.phase is Phase.READY:
+            self.cp.commit_outcome(committed, sqlstate, message, warning)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -1014,19 +672,5 @@ class Session:
 
 
 _ALL_BACKEND = frozenset(t[0] for t in wire.BACKEND_TYPES)
-
-
-@dataclass
-class _Flow:
-    """A commit-interception flow in progress (see Session._on_query)."""
-    raw: bytes                       # the client's Query message
-    plan: object
-    steps: list
-    final: str                       # "commit" | "wrap" | "relay" | "deferred"
-    step: tuple | None = None
-    rows: list = field(default_factory=list)
-    error: bytes | None = None
-    gid: str | None = None
-    pending_error: bytes | None = None
-    quiet_commit: bool = False
-
+# cluster mode: every backend message but DataRow and CopyData
+_CLUSTER_SERVER_INSPECT = _ALL_BACKEND - frozenset(b"Dd")

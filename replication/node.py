@@ -93,7 +93,11 @@ SELECT w.pid, pg_blocking_pids(w.pid),
                AND h.objsubid IS NOT DISTINCT FROM w.objsubid)
 FROM l w WHERE NOT w.granted AND w.pid = ANY(%s)
 """
-RECEIVE_QUEUE_FRAMES = 10000     # per peer; a full queue stops reading the link
+RECEIVE_QUEUE_FRAMES = 2000      # per peer; a full queue stops reading the link
+# Per applier: messages handed to it and not yet applied. A full queue stops
+# the dispatcher, which stops reading the inbox, which stops reading the link:
+# a transaction of any size crosses the node in bounded memory.
+WORKER_QUEUE_MESSAGES = 500
 
 
 class ReplicationNode:
@@ -1008,10 +1012,10 @@ class ReplicationNode:
                 last_end = end
             if cls is po.Relation or cls is po.Type:
                 for w in (*workers, finisher):
-                    w.queue.put_nowait((msg, None, None))
+                    await w.queue.put((msg, None, None))
                 continue
             if target is not None:
-                target.queue.put_nowait((msg, target.current, None))
+                await target.queue.put((msg, target.current, None))
                 if cls is po.Prepare or cls is po.Commit:
                     entry[0] = msg.end_lsn
                     target = entry = None
@@ -1026,7 +1030,7 @@ class ReplicationNode:
                 prepares[msg.gid] = fut
                 fut.add_done_callback(lambda f, g=msg.gid: prepares.pop(g, None))
                 entry = track(None, fut)
-                target.queue.put_nowait((msg, fut, None))
+                await target.queue.put((msg, fut, None))
             elif cls is po.Begin:
                 pending = [f for f in (*finishes, *prepares.values()) if not f.done()]
                 if pending:
@@ -1035,7 +1039,7 @@ class ReplicationNode:
                 fut = target.current = loop.create_future()
                 finishes.append(fut)
                 entry = track(None, fut)
-                target.queue.put_nowait((msg, fut, None))
+                await target.queue.put((msg, fut, None))
             elif cls is po.CommitPrepared or cls is po.RollbackPrepared:
                 before = prepares.get(msg.gid)
                 if before is not None and cls is po.RollbackPrepared:
@@ -1043,7 +1047,7 @@ class ReplicationNode:
                 fut = loop.create_future()
                 finishes.append(fut)
                 track(msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn, fut)
-                finisher.queue.put_nowait((msg, fut, before))
+                await finisher.queue.put((msg, fut, before))
             elif cls is po.Message and not msg.transactional:
                 continue
             else:
@@ -1134,7 +1138,7 @@ class _Worker:
         self.k = k
         self.applier = applier
         self.pid = pid
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue(WORKER_QUEUE_MESSAGES)
         self.current: asyncio.Future | None = None    # the answer of its transaction
 
 

@@ -6,7 +6,8 @@ import pglast
 import pytest
 
 from proxy import intercept
-from proxy.intercept import COMMIT, PASS, REFUSE, USER_FINISH, USER_PREPARE, WRAP, classify
+from proxy.intercept import (COMMIT, PASS, REFUSE, SPLIT, USER_FINISH, USER_PREPARE, WRAP,
+                             classify)
 
 CASES = [
     ("COMMIT", COMMIT, {}),
@@ -24,7 +25,7 @@ CASES = [
     ("DELETE FROM t WHERE id = 3", WRAP, {}),
     # TRUNCATE travels through the slot like the rows it removes
     ("TRUNCATE t RESTART IDENTITY CASCADE", WRAP, {"ddl": False}),
-    ("CREATE TABLE a (id int); TRUNCATE b", REFUSE, {}),
+    ("CREATE TABLE a (id int); TRUNCATE b", SPLIT, {}),
     ("CREATE TABLE t (id int)", WRAP, {"ddl": True}),
     ("CREATE TEMP TABLE t (id int)", WRAP, {"temp": True}),
     ("DROP TABLE t", WRAP, {"ddl": True, "drop": True}),
@@ -40,22 +41,43 @@ CASES = [
     ("EXPLAIN (ANALYZE) DELETE FROM t", WRAP, {}),
     ("SET search_path = a, b", PASS, {}),
     ("VACUUM t", PASS, {}),
-    ("BEGIN", PASS, {}),
+    ("BEGIN", PASS, {"txn": "begin"}),
+    ("SAVEPOINT s", PASS, {"txn": "savepoint"}),
+    ("ROLLBACK TO SAVEPOINT s", PASS, {"txn": "rollback_to"}),
+    ("COMMIT AND NO CHAIN", COMMIT, {"txn": "commit"}),
+    # answered by the proxy inside a transaction, run after its commit
+    ("NOTIFY ch, 'x'", PASS, {"deferred": "NOTIFY ch, 'x'"}),
+    ("LISTEN ch", PASS, {"deferred": "LISTEN ch"}),
+    # a DO block that commits inside: refused before it runs anything
+    ("DO $$BEGIN INSERT INTO t VALUES ('commit'); COMMIT; END$$", REFUSE, {}),
+    ("DO $$BEGIN INSERT INTO t VALUES ('commit'); END$$", WRAP, {}),
+    ("CALL p(1)", WRAP, {"procedure": True}),
     ("ROLLBACK AND CHAIN", REFUSE, {}),
     ("CREATE INDEX CONCURRENTLY i ON t (a)", REFUSE, {}),
     ("PREPARE TRANSACTION 'a'", USER_PREPARE, {"gid": "a"}),
     ("COMMIT PREPARED 'b'", USER_FINISH, {"gid": "b", "commit": True}),
     ("ROLLBACK PREPARED 'MTM-1-1-5'", REFUSE, {}),
     ("SELEC 1", PASS, {}),                           # PostgreSQL reports the error
-    # DDL is shipped as the string's text: several DDL statements are fine,
-    # DDL with statements that write rows would write them twice on peers
-    ("CREATE TABLE a (id int); CREATE INDEX ON a (id)", WRAP, {"ddl": True}),
-    ("CREATE TABLE a (id int); SELECT 1", WRAP, {"ddl": True}),
-    ("CREATE TABLE a (id int); INSERT INTO a VALUES (1)", REFUSE, {}),
-    ("INSERT INTO b VALUES (1); ALTER TABLE b ADD c int", REFUSE, {}),
-    ("CREATE TABLE a (id int); SELECT f()", REFUSE, {}),
-    ("CREATE TABLE a (id int); DO $$BEGIN END$$", REFUSE, {}),
+    # Strings with DDL or transaction commands run statement by statement
+    # (each DDL statement shipped with its own text); reads and writes only:
+    # one implicit transaction, wrapped whole
+    ("CREATE TABLE a (id int); CREATE INDEX ON a (id)", SPLIT, {}),
+    ("CREATE TABLE a (id int); INSERT INTO a VALUES (1)", SPLIT, {}),
+    ("INSERT INTO b VALUES (1); ALTER TABLE b ADD c int", SPLIT, {}),
+    ("BEGIN; INSERT INTO b VALUES (1); COMMIT", SPLIT, {}),
+    ("INSERT INTO b VALUES (1); NOTIFY ch", SPLIT, {}),
+    ("INSERT INTO b VALUES (1); INSERT INTO b VALUES (2)", WRAP, {}),
+    ("SELECT 1; SELECT 2", PASS, {}),
+    ("SELECT 1; PREPARE TRANSACTION 'x'", REFUSE, {}),
 ]
+
+
+def test_split_parts_keep_each_statement_text():
+    plan = classify("CREATE TABLE a (id int); INSERT INTO a VALUES (1);COMMIT")
+    assert [(t, p.kind, p.ddl) for t, p in plan.parts] == [
+        ("CREATE TABLE a (id int)", WRAP, True), ("INSERT INTO a VALUES (1)", WRAP, False),
+        ("COMMIT", COMMIT, False)]
+    assert plan.parts[0][1].sql == "CREATE TABLE a (id int)"
 
 
 @pytest.mark.parametrize("sql,kind,fields", CASES, ids=[c[0] for c in CASES])

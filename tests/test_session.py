@@ -229,6 +229,58 @@ def cluster_ready() -> Session:
     return s
 
 
+def messages(data: bytes) -> list:
+    """Frontend messages in ``data``."""
+    out, pos = [], 0
+    while pos < len(data):
+        t = data[pos:pos + 1]
+        n = struct.unpack("!I", data[pos + 1:pos + 5])[0]
+        out.append(wire.decode(t, data[pos + 5:pos + 1 + n], frontend=True))
+        pos += 1 + n
+    return out
+
+
+def sent(s: Session, returned: bytes | None = None) -> list:
+    """The frontend messages the session sent the backend: ``returned``
+    (what ``client_bytes`` returned) and its SendServer effects (cleared)."""
+    out = messages(returned) if returned else []
+    for e in s.effects:
+        if isinstance(e, SendServer):
+            out += messages(e.data)
+    s.effects[:] = [e for e in s.effects if not isinstance(e, SendServer)]
+    return out
+
+
+def to_client(s: Session, out: bytes | None = None) -> bytes:
+    data = out or b""
+    data += b"".join(e.data for e in s.effects if isinstance(e, SendClient))
+    s.effects[:] = [e for e in s.effects if not isinstance(e, SendClient)]
+    return data
+
+
+def answers(msgs: list, *, execute=b"", status=b"T") -> bytes:
+    """A backend's answers to extended-protocol messages of the proxy's own:
+    ``execute`` answers the Execute (an ErrorResponse makes the backend skip
+    to Sync, as PostgreSQL does)."""
+    out, skipping = b"", False
+    for m in msgs:
+        if skipping and not isinstance(m, wire.Sync):
+            continue
+        if isinstance(m, wire.Close):
+            out += wire.CloseComplete().encode()
+        elif isinstance(m, wire.Parse):
+            out += wire.ParseComplete().encode()
+        elif isinstance(m, wire.Bind):
+            out += wire.BindComplete().encode()
+        elif isinstance(m, wire.Execute):
+            out += execute or wire.CommandComplete("DO").encode()
+            skipping = execute[:1] == b"E"
+        elif isinstance(m, wire.Sync):
+            out += wire.ReadyForQuery(status).encode()
+            skipping = False
+    return out
+
+
 def in_transaction(s: Session) -> None:
     s.client_bytes(wire.Query("BEGIN").encode())
     s.server_bytes(wire.CommandComplete("BEGIN").encode() + wire.ReadyForQuery(b"T").encode())
@@ -244,15 +296,19 @@ def wound_idle(s: Session) -> None:
     """Wound a session idle in its transaction: the proxy fails the
     transaction on the backend at once, and the client hears nothing yet."""
     assert s.wound("conflicts with MTM-2-1-5") is False     # nothing to cancel
-    [send] = [e for e in s.effects if isinstance(e, SendServer)]
-    q = wire.decode(b"Q", send.data[5:], frontend=True).sql
-    assert "RAISE EXCEPTION" in q and "40001" in q
+    msgs = sent(s)
+    assert [m.__class__.__name__ for m in msgs] == ["Close", "Close", "Parse", "Bind",
+                                                    "Execute", "Flush"]
+    assert "RAISE EXCEPTION" in msgs[2].sql and "40001" in msgs[2].sql
+    assert msgs[2].name == "mtm_proxy"          # the client's unnamed statement is left alone
     assert s.is_wounded
     assert s.wound("again") is False            # the watchdog asks again: one is enough
-    s.effects.clear()
-    assert s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode()) is None
-    assert not [e for e in s.effects if isinstance(e, SendClient)]
-    assert s.txn_status == b"E" and s.is_wounded
+    assert s.server_bytes(answers(msgs, execute=WOUND)) is None
+    [sync] = sent(s)                           # the backend skips to a Sync of ours
+    assert isinstance(sync, wire.Sync)
+    assert s.server_bytes(wire.ReadyForQuery(b"E").encode()) is None
+    assert not to_client(s)
+    assert s.is_wounded
 
 
 def test_wound_while_idle_fails_the_transaction_at_once_and_answers_the_next_statement():
@@ -283,9 +339,8 @@ def test_wound_while_idle_then_commit_gets_40001_not_a_silent_rollback():
         in_transaction(s)
         wound_idle(s)
         assert s.client_bytes(wire.Query(stmt).encode()) is None
-        assert not [e for e in s.effects if isinstance(e, SendServer)]
-        [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
-        assert out == WOUND + wire.ReadyForQuery(b"E").encode()
+        assert not sent(s)
+        assert to_client(s) == WOUND + wire.ReadyForQuery(b"E").encode()
         assert s.txn_status == b"E" and not s.is_wounded
 
 
@@ -304,32 +359,37 @@ def test_a_statement_sent_while_the_wound_runs_is_held_then_answered():
     s = cluster_ready()
     in_transaction(s)
     assert s.wound("conflicts with MTM-2-1-5") is False
-    s.effects.clear()
+    msgs = sent(s)
     assert s.client_bytes(wire.Query("COMMIT").encode()) is None    # held
-    assert not s.effects
-    s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode())
-    [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
-    assert out == WOUND + wire.ReadyForQuery(b"E").encode()
-    assert not [e for e in s.effects if isinstance(e, SendServer)]
+    assert not sent(s) and not to_client(s)
+    s.server_bytes(answers(msgs, execute=WOUND))
+    [sync] = sent(s)
+    out = s.server_bytes(wire.ReadyForQuery(b"E").encode())
+    assert to_client(s, out) == WOUND + wire.ReadyForQuery(b"E").encode()
+    assert not sent(s)
 
 
 def test_wound_with_a_half_sent_batch_fails_the_next_statement_with_40001():
     s = cluster_ready()
     in_transaction(s)
-    s.client_bytes(wire.Parse("", "UPDATE t SET n = 2").encode()
-                   + wire.Bind("", "").encode())
+    first = wire.Parse("", "UPDATE t SET n = 2").encode() + wire.Bind("", "").encode()
+    assert s.client_bytes(first) == first
     assert s.wound("conflicts with MTM-2-1-5") is False     # not idle: no statement of ours
     assert not s.effects
-    assert s.client_bytes(wire.Execute("", 0).encode() + wire.Sync().encode()) is None
-    # the proxy makes the transaction fail on the backend for real...
-    [send] = [e for e in s.effects if isinstance(e, SendServer)]
-    q = wire.decode(b"Q", send.data[5:], frontend=True).sql
-    assert "RAISE EXCEPTION" in q and "40001" in q
-    s.effects.clear()
-    s.server_bytes(WOUND + wire.ReadyForQuery(b"E").encode())
-    # ...and the client gets the 40001 and a failed-transaction state
-    [out] = [e.data for e in s.effects if isinstance(e, SendClient)]
-    assert out == WOUND + wire.ReadyForQuery(b"E").encode()
+    s.server_bytes(wire.ParseComplete().encode() + wire.BindComplete().encode())
+    returned = s.client_bytes(wire.Execute("", 0).encode() + wire.Sync().encode())
+    # the proxy makes the transaction fail on the backend for real, instead
+    # of running the client's Execute (its Sync waits)...
+    msgs = sent(s, returned)
+    assert not any(isinstance(m, wire.Execute) and m.portal == "" for m in msgs)
+    assert "RAISE EXCEPTION" in msgs[2].sql and "40001" in msgs[2].sql
+    out = s.server_bytes(answers(msgs, execute=wire.error_response("40001", "x")))
+    # ...and the client gets the 40001 for its Execute; its Sync then
+    # reaches the backend, which answers E
+    assert to_client(s, out) == WOUND
+    assert [type(m) for m in sent(s)] == [wire.Sync]
+    out = s.server_bytes(wire.ReadyForQuery(b"E").encode())
+    assert out == wire.ReadyForQuery(b"E").encode()
     assert s.txn_status == b"E" and s.wounded is None
 
 

@@ -12,12 +12,19 @@ of a session in cluster mode, in order. It keeps the rules:
   interleaved in the backend's input, and ``BackendTracker`` says which
   answer belongs to whom (proxy/txstate.py).
 - **Follow the client's own transaction boundaries**, as postgres.c and
-  xact.c do, in every protocol form. ``blk`` is the block state after
-  everything forwarded: I (no transaction), R (an implicit transaction of
-  the extended protocol, reads so far), W (an implicit transaction the
-  proxy turned into a block of its own - it began one before the first
-  statement that may write, so that it can PREPARE it), T (the client's
-  explicit block), E (a failed explicit block). Commit points: COMMIT in T;
+  xact.c do, in every protocol form. Two views of the block state:
+  ``st`` is PostgreSQL's, driven by the answers in their order, as xact.c's
+  blockState moves (I: none; S: an implicit transaction in progress; SA: one
+  that failed, ignored until Sync; T: a transaction block; E: a failed one),
+  with ``ours`` telling a block the proxy began; ``blk`` is the client's
+  view after everything forwarded, predicted as messages go out assuming
+  they succeed (I: none, R: implicit reads so far, W: an implicit
+  transaction the proxy made a block of its own before its first statement
+  that may write, so that it can PREPARE it, T: the client's block, E: its
+  failed block), and set from ``st`` whenever nothing is outstanding. An
+  error can only make a prediction wrong within its own batch, where the
+  backend then ignores everything up to Sync, the proxy's own statements
+  included; every decision that needs more waits for the answers. Commit points: COMMIT in T;
   the end of an implicit transaction (Sync, the end of a simple Query, a
   COMMIT inside one); PREPARE TRANSACTION. At each, the transaction is
   checked (did it write replicated data?) and, if so, prepared and run
@@ -139,6 +146,9 @@ class ClusterPath:
         self.prog = None
         self.wait = None
         self.blk = I
+        self.st = I                  # PostgreSQL's block state, from the answers
+        self.ours = False            # the backend's current block is one the proxy began
+        self.began_in_batch = False  # the proxy began a block since the last Sync
         self.since_sync = 0          # client messages forwarded since the last Sync/Query
         self.stmts: dict[str, intercept.Plan] = {}
         self.portals: dict[str, str] = {}
@@ -188,6 +198,14 @@ class ClusterPath:
         return (self.prog is None and not self.trk.pending and not self.inq
                 and self.s.txn_status == b"I")
 
+    def describe(self) -> dict:
+        """What this session waits for (for the SIGUSR1 dump)."""
+        return {"program": getattr(self.prog, "__name__", None), "waits_for": str(self.wait),
+                "queued": len(self.inq), "blk": self.blk, "st": self.st, "ours": self.ours,
+                "skipping": self.trk.skipping, "copy": self.client_copy is not None,
+                "pending": [(chr(op.kind), "client" if op.owner is CLIENT else "proxy")
+                            for op in self.trk.pending]}
+
     def running_statement(self) -> bool:
         """A statement of the client's may be running on the backend (a
         cancel could reach it): an Execute, Query or FunctionCall of its is
@@ -232,8 +250,9 @@ class ClusterPath:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _fwd(self, m: Message, tok: Tok | None = None) -> Op | None:
-        """Forward a client message to the backend."""
+    def _fwd(self, m: Message, tok: Tok | None = None, txn: str = "") -> Op | None:
+        """Forward a client message to the backend (``txn``: the transaction
+        command an Execute runs)."""
         t = m.type
         self.sout.append(m.raw)
         if t in (_S, _Q, _F):
@@ -244,8 +263,16 @@ class ClusterPath:
         else:
             self.unflushed = True
             self.since_sync += 1
-        return self.trk.sent(t, CLIENT, token=tok,
-                             describes_statement=t == _D and m.body[:1] == b"S")
+        op = self.trk.sent(t, CLIENT, token=tok,
+                           describes_statement=t == _D and m.body[:1] == b"S")
+        if op is not None:
+            if t == _E:
+                plan = self._portal_plan(m.decode(frontend=True).portal)
+                op.txn = txn or plan.txn or ("prepare" if plan.kind == intercept.USER_PREPARE
+                                             else "")
+            else:
+                op.txn = txn
+        return op
 
     def _send(self, data: bytes, kinds: list, call: Call | None) -> None:
         self.sout.append(data)
@@ -266,17 +293,19 @@ class ClusterPath:
         simple Query: it destroys the unnamed statement and portal)."""
         call = Call()
         self._send(wire.Query(sql).encode(), [_Q], call)
+        call.ops[-1].txn = _own_txn(sql)
         self.unflushed = False
         self._framer(True)
         return call
 
-    def own_x(self, sql: str, *, relay_error: bool = False) -> Call:
+    def own_x(self, sql: str, *, relay_error: bool = False, txn: str = "") -> Call:
         """One statement of the proxy's own through the extended protocol,
         with its own named statement and portal, not followed by Sync."""
         call = Call(relay_error)
         self._send(wire.Close(b"P", MTM).encode() + wire.Close(b"S", MTM).encode()
                    + wire.Parse(MTM, sql).encode() + wire.Bind(MTM, MTM).encode()
                    + wire.Execute(MTM, 0).encode(), [_C, _C, _P, _B, _E], call)
+        call.ops[-1].txn = txn or _own_txn(sql)
         self.unflushed = True
         self._framer(True)
         return call
@@ -357,6 +386,8 @@ class ClusterPath:
                 self.wait = None
                 break
             if self._satisfied(w):
+                if w[0] == "idle":
+                    self.blk = self._derived()
                 value = self._result(w)
                 continue
             self.wait = w
@@ -391,8 +422,12 @@ class ClusterPath:
             call = op.owner
             if call.__class__ is Call and op.skipped and op.kind == _E:
                 call.skipped = True
+        if not self.trk.pending:
+            self.blk = self._derived()      # nothing in flight: prediction = reality
         if self.prog is not None and self.wait is not None and self._satisfied(self.wait):
             w, self.wait = self.wait, None
+            if w[0] == "idle":
+                self.blk = self._derived()
             self._resume(self._result(w))
         elif self.prog is None:
             self._pump()
@@ -402,6 +437,12 @@ class ClusterPath:
     def _server_msg(self, m: Message) -> None:
         t = m.type
         op, finished = self.trk.on_backend(t, m.body if t in (_ERR, _CC, _Z) else b"")
+        if op is not None and t in (_Z, _CC, _ERR):
+            self._block_moves(op, t, m.body)
+        if finished and op is self.client_copy:
+            # (whichever way the answer is relayed or swallowed: data sent
+            # for a later COPY must wait for that COPY's CopyInResponse)
+            self.client_copy = None
         owner = op.owner if op is not None else CLIENT
         if owner is not CLIENT:
             self._own_answer(owner, m, t)
@@ -444,8 +485,6 @@ class ClusterPath:
         if t == _COPY_IN:
             self._copy_started(op)
         self.cout.append(m.raw)
-        if finished and op is self.client_copy:
-            self.client_copy = None
 
     def _relay_plain(self, m: Message, t: int, op: Op | None, finished: bool) -> None:
         if t == _Z:
@@ -457,11 +496,6 @@ class ClusterPath:
             if t == _COPY_IN:
                 self._copy_started(op)
             self.cout.append(m.raw)
-        if finished and op is not None:
-            if op is self.client_copy:
-                self.client_copy = None
-            if op.kind == _E and op.error is not None and self.blk == T:
-                self.blk = E
 
     def _copy_started(self, op: Op | None) -> None:
         """The backend reads the client's COPY data now: let through what
@@ -475,11 +509,57 @@ class ClusterPath:
         self.s.txn_status = status
         self.s.ready_seen(status)
         self.cout.append(m.raw)
-        if self.since_sync == 0 and self.trk.syncs_pending == 0:
-            self.blk = _STATUS_BLK.get(status, self.blk)
-            if status == b"I":
-                self.after_commit.clear()      # its transaction ended some other way
+        if status == b"I" and not self.trk.pending:
+            self.after_commit.clear()      # its transaction ended some other way
         self.s.after_cycle(self.cout)
+
+    def _block_moves(self, op: Op, t: int, body: bytes) -> None:
+        """PostgreSQL's block state after this answer (xact.c): ReadyForQuery
+        says it; a transaction command's completion moves it; any other
+        statement starts an implicit transaction; an error in the extended
+        protocol fails the block (or the implicit transaction)."""
+        st = self.st
+        if t == _Z:
+            self.st = {b"I": I, b"T": T, b"E": E}.get(body[:1], st)
+            if self.st == I:
+                self.ours = False
+            elif op.kind == _Q and op.txn == "begin":
+                # a BEGIN as a simple Query: ours, or the client's (which
+                # makes the block its own)
+                self.ours = op.owner.__class__ is Call
+            return
+        if t == _ERR:
+            if op.kind in (_P, _B, _E, _D, _C):
+                self.st = E if st == T else "SA" if st in (I, "S") else st
+            return
+        if op.kind != _E:
+            return                      # inside a simple Query: its ReadyForQuery tells
+        txn = op.txn
+        if txn == "begin":
+            self.st = T
+            if op.owner.__class__ is Call:
+                self.ours = True
+            else:
+                self.ours = False        # the client's BEGIN makes the block its own
+        elif txn in ("commit", "rollback", "prepare"):
+            self.st = I
+            self.ours = False
+        elif txn == "rollback_to":
+            if st == E:
+                self.st = T
+        elif st == I:
+            self.st = "S"
+
+    def _derived(self) -> str:
+        """The client's view of the block state, from PostgreSQL's."""
+        st = self.st
+        if st == I:
+            return I
+        if st in ("S", "SA"):
+            return R
+        if self.ours:
+            return W                    # (failed or not: the client's Sync decides)
+        return T if st == T else E
 
     def _own_answer(self, call, m: Message, t: int) -> None:
         if call.__class__ is not Call:
@@ -503,7 +583,7 @@ class ClusterPath:
         plan = self.plan(sql)
         s = self.s
         if (s.wounded is None and s.wound_answer is None and self.blk != W
-                and not plan.deferred):
+                and not plan.deferred and not self.trk.skipping):
             if plan.kind == intercept.PASS:
                 if plan.txn == "begin" and self.blk in (I, R):
                     self.blk = T
@@ -520,6 +600,9 @@ class ClusterPath:
 
     def _p_query(self, m: Message, plan, sql: str):
         yield ("idle",)
+        if self.trk.skipping:
+            self._fwd(m)                  # an earlier error: PostgreSQL ignores it
+            return
         s = self.s
         b = self.blk
         kind = plan.kind
@@ -550,10 +633,7 @@ class ClusterPath:
                 self.ready(b"T")
             return
         if b == W:
-            # A simple Query in the middle of an extended-protocol implicit
-            # transaction: it joins it, and PostgreSQL commits it when the
-            # Query ends (exec_simple_query's finish_xact_command).
-            yield from self._statement_in_block(m, plan, implicit=True, last=True)
+            yield from self._query_in_our_block(m, plan)
             return
         if kind == intercept.COMMIT:
             if b == T:
@@ -592,6 +672,53 @@ class ClusterPath:
             return
         self._fwd(m)
 
+    def _query_in_our_block(self, m: Message, plan):
+        """A simple Query in the middle of an extended-protocol implicit
+        transaction that the proxy made a block of its own. PostgreSQL
+        (TBLOCK_STARTED): BEGIN makes it an explicit block, silently;
+        COMMIT and ROLLBACK end it with a warning; SAVEPOINT and its kin
+        fail; any other statement joins it and the Query's end commits it
+        (exec_simple_query's finish_xact_command)."""
+        txn = plan.txn
+        if txn == "begin":
+            tok = Tok(drop=(ACTIVE_TXN.encode(),))
+            self._fwd(m, tok, txn="begin")
+            self.blk = T
+            return
+        if plan.kind == intercept.COMMIT:
+            ok = yield from self._commit_now(False, None)
+            # the client's COMMIT then finds no transaction: PostgreSQL's
+            # warning and COMMIT, as for an implicit one
+            self._fwd(m)
+            self.blk = I
+            return
+        if txn == "rollback":
+            self._fwd(m, Tok(prepend=_NO_TXN_WARNING))
+            self.blk = I
+            self.after_commit.clear()
+            return
+        if txn in ("savepoint", "release", "rollback_to"):
+            name = {"savepoint": "SAVEPOINT", "release": "RELEASE SAVEPOINT",
+                    "rollback_to": "ROLLBACK TO SAVEPOINT"}[txn]
+            self.reply(wire.error_response(NO_ACTIVE_TXN,
+                                           f"{name} can only be used in transaction blocks"))
+            yield ("call", self.own_q("ROLLBACK"))
+            self.after_commit.clear()
+            self.ready(b"I")
+            return
+        if plan.kind == intercept.SPLIT:
+            yield from self._p_split(plan.parts, I, implicit=True)
+            return
+        if plan.kind == intercept.REFUSE:
+            yield from self._refuse_q(plan.reason, W)
+            return
+        if plan.kind in (intercept.USER_PREPARE, intercept.USER_FINISH):
+            # PostgreSQL's own answer, once ours is committed
+            yield from self._commit_now(False, None)
+            self._fwd(m)
+            return
+        yield from self._statement_in_block(m, plan, implicit=True, last=True)
+
     def own_call_q(self, sql: str):
         return ("call", self.own_q(sql))
 
@@ -607,6 +734,12 @@ class ClusterPath:
                 "25P02", "current transaction is aborted, commands ignored until end of "
                          "transaction block"))
             self.ready(b"E")
+        elif b == W:
+            # an error ends the implicit transaction it arrived in
+            self.reply(err)
+            yield ("call", self.own_q("ROLLBACK"))
+            self.after_commit.clear()
+            self.ready(b"I")
         else:
             self.reply(err)
             self.ready(b"I")
@@ -741,10 +874,11 @@ class ClusterPath:
             if extended:
                 yield ("call", self.own_sync())
 
-    def _p_split(self, parts, b: str):
+    def _p_split(self, parts, b: str, implicit: bool = False):
         """A query string with transaction commands or DDL, statement by
-        statement, with PostgreSQL's semantics for multi-statement strings."""
-        implicit = False          # a block of ours for the implicit transaction
+        statement, with PostgreSQL's semantics for multi-statement strings.
+        ``implicit``: a block of ours is open already (the string arrived
+        inside an implicit transaction of the extended protocol)."""
         st = b                    # I, T
         n = len(parts)
         for k, (text, p) in enumerate(parts):
@@ -753,7 +887,7 @@ class ClusterPath:
             m = Message(_Q, raw[5:], raw)
             if p.txn == "begin":
                 tok = Tok(swallow_z=True, drop=(ACTIVE_TXN.encode(),) if implicit else ())
-                yield ("op", self._fwd(m, tok))
+                yield ("op", self._fwd(m, tok, txn="begin"))
                 if tok.errored:
                     break
                 implicit, st = False, T
@@ -901,6 +1035,9 @@ class ClusterPath:
         return plan if plan is not None else intercept.Plan(intercept.WRAP)
 
     def _on_execute(self, m: Message) -> None:
+        if self.trk.skipping:
+            self._fwd(m)                  # an earlier error: PostgreSQL ignores it
+            return
         portal = m.decode(frontend=True).portal
         plan = self._portal_plan(portal)
         b = self.blk
@@ -943,7 +1080,7 @@ class ClusterPath:
             self._start(self._p_ext(m, self._p_user_finish(m, plan, extended=True)))
             return
         if plan.deferred and b in (T, W):
-            self._start(self._p_deferred_exec(plan))
+            self._start(self._p_deferred_exec(plan, m))
             return
         if kind in (intercept.WRAP, intercept.SPLIT):
             if b in (I, R) and self.trk.syncs_pending:
@@ -953,6 +1090,7 @@ class ClusterPath:
             if b in (I, R):
                 self.own_x("BEGIN", relay_error=True)
                 self.blk = b = W
+                self.began_in_batch = True
             if plan.temp:
                 self.uses_temp = True
                 self.own_x(intercept.CAPTURE_LOCAL_SQL, relay_error=True)
@@ -1002,8 +1140,11 @@ class ClusterPath:
         if self.blk == T:
             self.blk = E
 
-    def _p_deferred_exec(self, plan):
+    def _p_deferred_exec(self, plan, m: Message):
         yield ("idle",)
+        if self.trk.skipping:
+            self._fwd(m)
+            return
         self.after_commit.append(plan.deferred)
         self.reply(wire.CommandComplete(plan.deferred.split()[0].upper()).encode())
 
@@ -1029,22 +1170,30 @@ class ClusterPath:
         self.blk = I
 
     def _on_sync(self, m: Message) -> None:
-        if self.blk == W:
-            self._start(self._p_sync_commit(m))
+        if self.blk == W or self.began_in_batch:
+            self.began_in_batch = False
+            self._start(self._p_sync(m))
             return
         self._fwd(m)
         if self.blk == R:
             self.blk = I
 
-    def _p_sync_commit(self, m: Message):
-        """The end of an implicit transaction the proxy opened: commit it
-        through the protocol, then let the client's Sync through. After an
-        error in the block the backend ignores everything up to the Sync,
-        our check included (``_commit_now`` returns at once): PostgreSQL
-        would roll the implicit transaction back at Sync and answer I; ours
-        is a failed explicit block there, so it is rolled back after the
-        Sync."""
-        yield from self._commit_now(True, None)
+    def _p_sync(self, m: Message):
+        """The end of a batch in which the proxy began a block: decided on
+        the exact state, once every answer before it is in. Its block, fine:
+        commit it through the protocol, then let the client's Sync through
+        (answered I). Its block, failed (an error made the backend ignore
+        everything up to this Sync, its check included): PostgreSQL would
+        roll the implicit transaction back here and answer I; ours is a
+        failed explicit block there, so it is rolled back after the Sync.
+        Not its block any more (the client's BEGIN made it the client's, or
+        our BEGIN was ignored): the Sync goes through as it is."""
+        yield ("idle",)
+        if not self.ours:
+            self._fwd(m)
+            return
+        if self.st == T and not self.trk.skipping:
+            yield from self._commit_now(True, None)
         tok = Tok(swallow_z=True)
         yield ("op", self._fwd(m, tok))
         if tok.status == b"E":
@@ -1063,6 +1212,9 @@ class ClusterPath:
         """A FunctionCall outside a transaction block: like a simple Query
         that may write (postgres.c commits after it)."""
         yield ("idle",)
+        if self.trk.skipping or self.blk not in (I, R):
+            self._fwd(m)
+            return
         yield ("call", self.own_x("BEGIN"))
         tok = Tok(swallow_z=True)
         yield ("op", self._fwd(m, tok))
@@ -1092,6 +1244,20 @@ class ClusterPath:
             self.blk = E
         # In W (our block) it stays W: failed on the backend, the client's
         # Sync rolls it back (``_p_sync_commit``).
+
+
+def _own_txn(sql: str) -> str:
+    """The transaction command one of the proxy's own statements is."""
+    head = sql[:20].upper()
+    if head == "BEGIN":
+        return "begin"
+    if head == "COMMIT":
+        return "commit"
+    if head == "ROLLBACK":
+        return "rollback"
+    if head.startswith("PREPARE TRANSACTION"):
+        return "prepare"
+    return ""
 
 
 def _capture(plan) -> str:

@@ -495,21 +495,26 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     from common import failpoints
     failpoints.install_signal_handler(loop)
-    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks, server.log)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_state, server)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.shutdown()
 
 
-def _dump_tasks(log) -> None:
-    """SIGUSR1: one log event per asyncio task with where it waits (for a
-    DBA looking at a proxy that seems stuck)."""
+def _dump_state(server: ProxyServer) -> None:
+    """SIGUSR1: one log event per asyncio task with where it waits, and one
+    per client session in cluster mode with what it waits for (for a DBA
+    looking at a proxy, or a session, that seems stuck)."""
     import io
     for task in asyncio.all_tasks():
         buf = io.StringIO()
         task.print_stack(limit=12, file=buf)
-        log.warning("task_stack", task=task.get_name(), stack=buf.getvalue())
+        server.log.warning("task_stack", task=task.get_name(), stack=buf.getvalue())
+    for conn in list(server.sessions):
+        cp = conn.core.cp
+        if cp is not None:
+            server.log.warning("session_state", session=conn.sid, **cp.describe())
 
 
 def run(cfg: NodeConfig) -> None:

@@ -64,6 +64,7 @@ class Op:
     got_param_desc: bool = False
     status: bytes | None = None           # ReadyForQuery status (Sync, Query, FunctionCall)
     finished: bool = False     # answered completely, or skipped
+    txn: str = ""              # a transaction command (intercept.Plan.txn, or "prepare")
 
 
 @dataclass

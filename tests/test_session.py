@@ -444,3 +444,40 @@ def test_one_wound_cancel_is_rewritten_wherever_its_57014s_land():
 def test_wound_outside_a_transaction_does_nothing():
     s = cluster_ready()
     assert s.wound("x") is False and s.wounded is None
+
+
+def test_copy_data_waits_for_its_own_copy_not_the_previous_one():
+    """A client that sends COPY data without waiting for CopyInResponse
+    (asyncpg): the data of a second COPY, arriving while the proxy's own
+    BEGIN for it is unanswered, must not reach the backend before that
+    COPY (the backend drops COPY data it gets outside a COPY)."""
+    s = cluster_ready()
+    begin_done = wire.CommandComplete("BEGIN").encode() + wire.ReadyForQuery(b"T").encode()
+    copy = wire.Query("COPY t FROM STDIN").encode()
+    data = wire.CopyData(b"1\n").encode() + wire.CopyDone().encode()
+    for k in range(2):
+        returned = s.client_bytes(copy)
+        assert [type(m) for m in sent(s, returned)] == [wire.Query]      # our BEGIN
+        # the COPY's data arrives while our BEGIN is unanswered: held
+        assert s.client_bytes(data) is None and not sent(s)
+        out = s.server_bytes(begin_done)
+        assert out is None and messages(b"".join(
+            e.data for e in s.effects if isinstance(e, SendServer))) == [
+            wire.Query("COPY t FROM STDIN")]
+        sent(s)
+        out = s.server_bytes(wire.CopyInResponse(0, ()).encode())
+        assert [type(m) for m in sent(s)] == [wire.CopyData, wire.CopyDone]
+        assert to_client(s, out)[:1] == b"G"
+        # the COPY ends; our commit check finds nothing for the peers (a
+        # table of this node only, say): a plain COMMIT
+        s.server_bytes(wire.CommandComplete("COPY 1").encode() + wire.ReadyForQuery(b"T").encode())
+        [check] = sent(s)
+        s.server_bytes(wire.DataRow((b"t", b"f", b"f", b"f")).encode()
+                       + wire.CommandComplete("SELECT 1").encode()
+                       + wire.ReadyForQuery(b"T").encode())
+        [commit] = sent(s)
+        assert commit.sql == "COMMIT"
+        out = s.server_bytes(wire.CommandComplete("COMMIT").encode()
+                             + wire.ReadyForQuery(b"I").encode())
+        assert to_client(s, out).endswith(wire.CommandComplete("COPY 1").encode()
+                                          + wire.ReadyForQuery(b"I").encode())

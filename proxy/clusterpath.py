@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from common.sql import to_conforming
 from replication.commit import USER_GID_SEP
 
 from . import intercept, wire
@@ -298,17 +299,35 @@ class ClusterPath:
         self._framer(True)
         return call
 
-    def own_x(self, sql: str, *, relay_error: bool = False, txn: str = "") -> Call:
+    def own_x(self, sql: str, *, relay_error: bool = False, txn: str = "",
+              params: tuple = ()) -> Call:
         """One statement of the proxy's own through the extended protocol,
-        with its own named statement and portal, not followed by Sync."""
+        with its own named statement and portal, not followed by Sync;
+        ``params`` are text parameters ($1...)."""
         call = Call(relay_error)
+        bind = wire.Bind(MTM, MTM, params=tuple(None if p is None else p.encode() for p in params))
         self._send(wire.Close(b"P", MTM).encode() + wire.Close(b"S", MTM).encode()
-                   + wire.Parse(MTM, sql).encode() + wire.Bind(MTM, MTM).encode()
+                   + wire.Parse(MTM, sql).encode() + bind.encode()
                    + wire.Execute(MTM, 0).encode(), [_C, _C, _P, _B, _E], call)
         call.ops[-1].txn = txn or _own_txn(sql)
         self.unflushed = True
         self._framer(True)
         return call
+
+    def own_p(self, extended: bool, call: tuple[str, tuple]):
+        """A statement of the proxy's own with parameters (``call``: text
+        and parameters), in either flow: in a simple Query's flow it is
+        followed by a Sync of its own (the backend is inside a block there,
+        which a Sync leaves open). Yields the calls; returns the
+        statement's."""
+        c = self.own_x(call[0], params=call[1])
+        if extended:
+            yield ("call", c)
+            return c
+        sync = self.own_sync()
+        yield ("call", c)
+        yield ("call", sync)
+        return c
 
     def own_sync(self) -> Call:
         call = Call()
@@ -365,11 +384,16 @@ class ClusterPath:
             self._fwd(m)
 
     def plan(self, sql: str) -> intercept.Plan:
-        plan = self.plans.get(sql)
+        # A session with standard_conforming_strings off takes backslashes
+        # in '...' as escapes: its text is classified (and DDL shipped) in
+        # the form that means the same either way.
+        off = self.s.server_params.get("standard_conforming_strings") == "off"
+        key = "\0off:" + sql if off else sql
+        plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= _STMT_CACHE_MAX:
                 self.plans.clear()
-            plan = self.plans[sql] = intercept.classify(sql)
+            plan = self.plans[key] = intercept.classify(to_conforming(sql) if off else sql)
         return plan
 
     def _start(self, gen) -> None:
@@ -593,7 +617,7 @@ class ClusterPath:
                 self._fwd(m)
                 return
             if (plan.kind == intercept.WRAP and self.blk == T
-                    and not (plan.ddl or plan.temp or plan.makes_rows)):
+                    and not (plan.ddl or plan.temp)):
                 self._fwd(m)            # a write inside the client's block: as it is
                 return
         self._start(self._p_query(m, plan, sql))
@@ -754,28 +778,46 @@ class ClusterPath:
         """Run the client's Query ``m`` inside the block (ours when
         ``implicit``), with DDL capture around it; for an implicit block,
         commit at the end, holding the last CommandComplete until then."""
+        token = self.s.token
         if plan.temp:
             self.uses_temp = True
-            yield self.own_call_q(intercept.CAPTURE_LOCAL_SQL)
+            yield from self.own_p(False, intercept.capture_local_call(token))
         elif plan.ddl:
-            c = yield self.own_call_q(_capture(plan))
+            c = yield from self.own_p(False, intercept.capture_call(plan, token))
             if c.error is not None:
                 self._relay_own_error(c)
                 yield from self._end_failed(implicit)
                 return
-        tok = Tok(swallow_z=True, hold_cc=implicit and last, procedure=plan.procedure and implicit)
+        tok = Tok(swallow_z=True, hold_cc=(implicit and last) or bool(plan.refresh),
+                  procedure=plan.procedure and implicit)
         op = self._fwd(m, tok)
         yield ("op", op)
         if tok.status == b"E":
             yield from self._end_failed(implicit)
             return
-        if plan.makes_rows:
-            yield self.own_call_q(intercept.DDL_END_SQL)
+        if not (yield from self._refresh(plan, False)):
+            tok.held = None
+            yield from self._end_failed(implicit)
+            return
         if not implicit:
+            if tok.held is not None:
+                self.reply(tok.held)
+                tok.held = None
             self.ready(tok.status or b"T")
             return
         ok = yield from self._commit_now(False, tok)
         self.ready(b"I")
+
+    def _refresh(self, plan, extended: bool):
+        """After an ALTER TABLE that made each node compute a column's
+        values: ship this node's (mtm.refresh_column). False if refused (the
+        error went to the client)."""
+        for call in intercept.refresh_calls(plan, self.s.token):
+            c = yield from self.own_p(extended, call)
+            if c.error is not None:
+                self._relay_own_error(c)
+                return False
+        return True
 
     def _end_failed(self, implicit: bool):
         if implicit:
@@ -811,9 +853,15 @@ class ClusterPath:
                 yield ("call", self.own_sync())
             yield ("call", own("ROLLBACK"))
             return False
-        row = check.rows[0] if check.rows else (b"f", b"f", b"f", b"f")
-        wrote, used_temp, for_peers, ddl_shipped = (v == b"t" for v in row)
+        row = check.rows[0] if check.rows else (b"f",) * 5
+        wrote, used_temp, for_peers, ddl_shipped, large_objects = (v == b"t" for v in row)
         tag = wire.CommandComplete("COMMIT").encode() if client_commit else b""
+        if large_objects:
+            yield ("call", own("ROLLBACK"))
+            self.reply(wire.error_response(FEATURE_NOT_SUPPORTED, intercept.LARGE_OBJECTS_REFUSED,
+                                           hint=intercept.LARGE_OBJECTS_HINT))
+            self.after_commit.clear()
+            return False
         if wrote and used_temp and ddl_shipped:
             yield ("call", own("ROLLBACK"))
             self.reply(wire.error_response(
@@ -825,9 +873,8 @@ class ClusterPath:
             return False
         if for_peers and not used_temp:
             gid = self.s.next_gid()
-            mark, prep = intercept.prepare_sql(gid)
-            c = yield ("call", own(mark))
-            c2 = own(prep)
+            c = yield from self.own_p(extended, intercept.mark_call(gid, self.s.token))
+            c2 = own(intercept.prepare_sql(gid))
             yield ("call", c2)
             err = c.error or c2.error
             if err is not None:
@@ -933,19 +980,24 @@ class ClusterPath:
                 implicit = True
             if p.temp:
                 self.uses_temp = True
-                yield ("call", self.own_q(intercept.CAPTURE_LOCAL_SQL))
+                yield from self.own_p(False, intercept.capture_local_call(self.s.token))
             elif p.ddl:
-                c = yield ("call", self.own_q(_capture(p)))
+                c = yield from self.own_p(False, intercept.capture_call(p, self.s.token))
                 if c.error is not None:
                     self._relay_own_error(c)
                     break
             hold = implicit and last
-            tok = Tok(swallow_z=True, hold_cc=hold, procedure=p.procedure and implicit)
+            tok = Tok(swallow_z=True, hold_cc=hold or bool(p.refresh),
+                      procedure=p.procedure and implicit)
             yield ("op", self._fwd(m, tok))
             if tok.errored:
                 break
-            if p.makes_rows:
-                yield ("call", self.own_q(intercept.DDL_END_SQL))
+            if not (yield from self._refresh(p, False)):
+                tok.held = None
+                break
+            if p.refresh and not hold and tok.held is not None:
+                self.reply(tok.held)
+                tok.held = None
         else:
             if implicit:
                 yield from self._commit_now(False, tok if implicit else None)
@@ -968,8 +1020,16 @@ class ClusterPath:
         own = self.own_x if extended else self.own_q
         check = own(intercept.COMMIT_CHECK_SQL[self.uses_temp])
         yield ("call", check)
-        row = check.rows[0] if check.rows else (b"f", b"f", b"f", b"f")
-        wrote, used_temp, for_peers, _ = (v == b"t" for v in row)
+        row = check.rows[0] if check.rows else (b"f",) * 5
+        wrote, used_temp, for_peers, _, large_objects = (v == b"t" for v in row)
+        if large_objects and check.error is None:
+            yield ("call", own("ROLLBACK"))
+            if extended:
+                yield ("call", self.own_sync())
+            self.reply(wire.error_response(FEATURE_NOT_SUPPORTED, intercept.LARGE_OBJECTS_REFUSED,
+                                           hint=intercept.LARGE_OBJECTS_HINT))
+            self._after_reply(extended, I)
+            return
         if check.error is not None or not for_peers or used_temp:
             # nothing for the peers: PostgreSQL prepares it here, under 'x'
             if extended:
@@ -981,9 +1041,8 @@ class ClusterPath:
             self.blk = I
             return
         gid = self.s.next_gid() + USER_GID_SEP + plan.gid
-        mark, prep = intercept.prepare_sql(gid)
-        c = yield ("call", own(mark))
-        c2 = own(prep)
+        c = yield from self.own_p(extended, intercept.mark_call(gid, self.s.token))
+        c2 = own(intercept.prepare_sql(gid))
         yield ("call", c2)
         err = c.error or c2.error
         if err is not None:
@@ -1091,14 +1150,17 @@ class ClusterPath:
                 self.own_x("BEGIN", relay_error=True)
                 self.blk = b = W
                 self.began_in_batch = True
+            token = self.s.token
             if plan.temp:
                 self.uses_temp = True
-                self.own_x(intercept.CAPTURE_LOCAL_SQL, relay_error=True)
+                sql, params = intercept.capture_local_call(token)
+                self.own_x(sql, params=params, relay_error=True)
             elif plan.ddl:
-                self.own_x(_capture(plan), relay_error=True)
+                sql, params = intercept.capture_call(plan, token)
+                self.own_x(sql, params=params, relay_error=True)
             self._fwd(m, Tok(procedure=True) if plan.procedure and b == W else None)
-            if plan.makes_rows:
-                self.own_x(intercept.DDL_END_SQL, relay_error=True)
+            for sql, params in intercept.refresh_calls(plan, token):
+                self.own_x(sql, params=params, relay_error=True)
             return
         self._fwd(m)
         if b == I:
@@ -1258,10 +1320,6 @@ def _own_txn(sql: str) -> str:
     if head.startswith("PREPARE TRANSACTION"):
         return "prepare"
     return ""
-
-
-def _capture(plan) -> str:
-    return intercept.capture_sql(plan.sql, plan.makes_rows, plan.drop, plan.staged, plan.rels)
 
 
 def _message_of(err: bytes) -> str:

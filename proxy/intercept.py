@@ -14,8 +14,10 @@ the node is in a cluster:
 - ``WRAP``: anything that may write: run inside BEGIN ... commit protocol;
 - ``REFUSE``: cannot be replicated correctly; answered with 0A000.
 
-``ddl`` is set when the Query holds DDL to ship as text (with ``makes_rows``
-when the statement fills the table itself, e.g. CREATE TABLE AS).
+``ddl`` is set when the Query holds DDL to ship as text. The text shipped
+is the statement the client sent, except for CREATE TABLE AS / SELECT
+INTO, which the peers run WITH NO DATA: the rows the origin made reach
+them as rows (an expression like random() gives each node other values).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import pglast
 from pglast import ast
-from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
+from pglast.enums import AlterTableType, ConstrType, GrantTargetType, ObjectType, TransactionStmtKind
 
 from common.sql import quote_ident, quote_literal, quote_literal_any
 
@@ -58,7 +60,6 @@ _DML_TYPES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.CallStmt, ast.
 class Plan:
     kind: str
     ddl: bool = False
-    makes_rows: bool = False
     reason: str = ""
     sql: str = ""            # the statement text, kept for DDL capture
     temp: bool = False       # creates a temporary object: local, committed plainly
@@ -83,6 +84,12 @@ class Plan:
     # ((statement text, its Plan), ...)
     parts: tuple = ()
     procedure: bool = False  # a CALL: may COMMIT inside (refused with a clear error)
+    # DDL that fires event triggers (everything but DDL on shared objects and
+    # on event triggers): the DDL guard must let it pass (see capture_call)
+    fires: bool = True
+    # ALTER TABLE that made every node compute a column's values itself:
+    # ((table, column, ONLY, always), ...) for mtm.refresh_column, run after it
+    refresh: tuple = ()
 
 
 def _has_function_call(node) -> bool:
@@ -149,6 +156,112 @@ def _grant_rels(s) -> tuple:
             and any(o.schemaname in (None, "pg_temp") for o in s.objects or ())):
         return tuple(_qualified(o) for o in s.objects)
     return ()
+
+
+# DDL that PostgreSQL runs without firing event triggers: on databases,
+# roles, tablespaces, parameters, and on event triggers themselves.
+_SHARED_OBJECTS = {ObjectType.OBJECT_DATABASE, ObjectType.OBJECT_ROLE,
+                   ObjectType.OBJECT_TABLESPACE, ObjectType.OBJECT_EVENT_TRIGGER,
+                   ObjectType.OBJECT_PARAMETER_ACL}
+_NO_EVENT_TRIGGERS = (ast.CreateRoleStmt, ast.AlterRoleStmt, ast.AlterRoleSetStmt,
+                      ast.DropRoleStmt, ast.GrantRoleStmt, ast.ReassignOwnedStmt,
+                      ast.CreateEventTrigStmt, ast.AlterEventTrigStmt, ast.CreateTableSpaceStmt,
+                      ast.DropTableSpaceStmt, ast.AlterTableSpaceOptionsStmt,
+                      ast.AlterDatabaseStmt, ast.AlterDatabaseRefreshCollStmt)
+
+
+def _fires_event_triggers(s) -> bool:
+    if isinstance(s, _NO_EVENT_TRIGGERS):
+        return False
+    kind = None
+    if isinstance(s, ast.DropStmt):
+        kind = s.removeType
+    elif isinstance(s, ast.RenameStmt):
+        kind = s.renameType
+    elif isinstance(s, (ast.AlterOwnerStmt, ast.AlterObjectSchemaStmt)):
+        kind = s.objectType
+    elif isinstance(s, (ast.CommentStmt, ast.SecLabelStmt, ast.GrantStmt)):
+        kind = s.objtype
+    return kind not in _SHARED_OBJECTS
+
+
+def _on_own_event_trigger(s) -> bool:
+    names = []
+    if isinstance(s, ast.AlterEventTrigStmt):
+        names = [s.trigname]
+    elif isinstance(s, ast.DropStmt) and s.removeType == ObjectType.OBJECT_EVENT_TRIGGER:
+        names = [getattr(o, "sval", "") for o in s.objects or ()]
+    elif isinstance(s, (ast.RenameStmt, ast.AlterOwnerStmt)) and (
+            getattr(s, "renameType", None) or getattr(s, "objectType", None)) \
+            == ObjectType.OBJECT_EVENT_TRIGGER:
+        names = [getattr(s.object, "sval", "")]
+    return any((n or "").startswith("mtm_") for n in names)
+
+
+def _with_no_data(text: str, s) -> str:
+    """CREATE TABLE AS as the peers run it: WITH NO DATA (the rows come as
+    rows). Token surgery on the client's own text, so nothing else in it
+    changes."""
+    if s.into.skipData:
+        return text
+    tokens = pglast.parser.scan(text)
+    while tokens and tokens[-1].name == "ASCII_59":      # trailing ';'
+        tokens.pop()
+    end = tokens[-1].end + 1
+    if len(tokens) >= 2 and tokens[-2].name == "WITH" and tokens[-1].name == "DATA_P":
+        return text[:tokens[-2].start] + "WITH NO DATA" + text[end:]
+    return text[:end] + " WITH NO DATA" + text[end:]
+
+
+def _select_into_as_ctas(s) -> str:
+    """SELECT ... INTO t ... as CREATE TABLE t AS SELECT ... WITH NO DATA
+    (what PostgreSQL itself turns it into)."""
+    from pglast.stream import RawStream
+    into = s.intoClause
+    query = ast.SelectStmt(**{k: getattr(s, k) for k in s.__slots__ if k != "intoClause"})
+    ctas = ast.CreateTableAsStmt(query=query, objtype=ObjectType.OBJECT_TABLE,
+                                 into=ast.IntoClause(**{k: getattr(into, k) for k in into.__slots__
+                                                        if k != "skipData"}, skipData=True),
+                                 is_select_into=False, if_not_exists=False)
+    return RawStream()(ctas)
+
+
+def _nondeterministic(expr) -> bool:
+    """Might the expression give each node other values (a function call,
+    a subquery, CURRENT_TIMESTAMP and the like)?"""
+    return any(isinstance(n, (ast.FuncCall, ast.SubLink, ast.SQLValueFunction))
+               for n in _walk(expr))
+
+
+_SERIAL = {"serial", "serial4", "bigserial", "serial8", "smallserial", "serial2"}
+
+
+def _refreshes(s) -> tuple:
+    """ALTER TABLE ... ADD COLUMN with a default other than a constant, an
+    identity or serial column; ALTER COLUMN ... TYPE ... USING an
+    expression that calls a function: each node computes the column for
+    its own rows. mtm.refresh_column then ships the origin's values (for
+    ADD COLUMN only if the default stored is not immutable: it checks)."""
+    if not isinstance(s, ast.AlterTableStmt) or s.objtype != ObjectType.OBJECT_TABLE:
+        return ()
+    out = []
+    rel = _qualified(s.relation)
+    only = not s.relation.inh
+    for cmd in s.cmds or ():
+        if not isinstance(cmd, ast.AlterTableCmd) or not isinstance(cmd.def_, ast.ColumnDef):
+            continue
+        col = cmd.def_
+        if cmd.subtype == AlterTableType.AT_AddColumn:
+            typ = col.typeName.names[-1].sval if col.typeName and col.typeName.names else ""
+            if typ in _SERIAL or any(
+                    c.contype == ConstrType.CONSTR_IDENTITY or (
+                        c.contype == ConstrType.CONSTR_DEFAULT and _nondeterministic(c.raw_expr))
+                    for c in col.constraints or ()):
+                out.append((rel, col.colname, only, False))
+        elif cmd.subtype == AlterTableType.AT_AlterColumnType and col.raw_default is not None:
+            if _nondeterministic(col.raw_default):
+                out.append((rel, cmd.name, only, True))
+    return tuple(out)
 
 
 def _calls_make_table_local(s) -> bool:
@@ -265,7 +378,7 @@ def _classify_one(text: str, s) -> Plan:
         if s.intoClause is not None and s.intoClause.rel.relpersistence == "t":
             return Plan(WRAP, temp=True)
         if s.intoClause is not None:
-            return Plan(WRAP, ddl=True, makes_rows=True, sql=text)
+            return Plan(WRAP, ddl=True, sql=_select_into_as_ctas(s))
         return Plan(WRAP) if _has_function_call(s) else Plan(PASS)
     if isinstance(s, ast.CopyStmt):
         return Plan(WRAP) if s.is_from else Plan(PASS)
@@ -275,11 +388,23 @@ def _classify_one(text: str, s) -> Plan:
         return Plan(WRAP, temp=True)
     if _calls_make_table_local(s):
         return Plan(WRAP, ddl=True, sql=text)
+    if _on_own_event_trigger(s):
+        return Plan(REFUSE, reason="the event triggers named mtm_* are mmproxy's own: without "
+                                   "them the cluster cannot keep the nodes the same")
+    if not _fires_event_triggers(s):
+        # no event trigger sees it: shipped now, and the DDL guard is not armed
+        return Plan(WRAP, ddl=True, sql=text, fires=False)
+    if isinstance(s, ast.CreateTableAsStmt):
+        if isinstance(s.query, ast.ExecuteStmt):
+            return Plan(REFUSE, reason="CREATE TABLE AS EXECUTE cannot be replicated: the "
+                                       "peers do not have the prepared statement; use CREATE "
+                                       "TABLE AS SELECT ...")
+        if s.objtype == ObjectType.OBJECT_TABLE:
+            return Plan(WRAP, ddl=True, sql=_with_no_data(text, s))
+        return Plan(WRAP, ddl=True, sql=text)   # a materialized view: each node fills its own
     rels = _grant_rels(s)
-    return Plan(WRAP, ddl=True, makes_rows=isinstance(s, ast.CreateTableAsStmt), sql=text,
-                drop=isinstance(s, ast.DropStmt),
-                staged=not isinstance(s, ast.CreateTableAsStmt) and (
-                    _maybe_on_temp(s) or bool(rels)), rels=rels)
+    return Plan(WRAP, ddl=True, sql=text, drop=isinstance(s, ast.DropStmt),
+                staged=_maybe_on_temp(s) or bool(rels), rels=rels, refresh=_refreshes(s))
 
 
 def _classify(sql: str, stmts) -> Plan:
@@ -305,79 +430,71 @@ def _classify(sql: str, stmts) -> Plan:
     return Plan(WRAP, procedure=any(p.procedure for p in plans))
 
 
-def capture_sql(query: str, makes_rows: bool, drop: bool = False, staged: bool = False,
-                rels: tuple = ()) -> str:
-    """One statement, run before a DDL statement, in its transaction: lets
-    the DDL guard pass and ships the statement as text with the session
-    context it needs. A DROP is only staged: the sql_drop event trigger
-    (mtm.on_sql_drop) ships it unless everything it dropped was temporary,
-    which exists on this node only. So is DDL on a table that may be
-    temporary (``staged``): the ddl_command_end event trigger
-    (mtm.on_ddl_end) ships it, after the statement ran, unless every object
-    it made or changed is temporary (for GRANT/REVOKE: every table in
-    ``rels``). Literals are E'...': they mean the same whatever the
-    session's standard_conforming_strings, so the text shipped is exactly
-    the text the client sent."""
-    extra = f", 'rels', {quote_literal_any(json.dumps(list(rels)))}::json" if rels else ""
-    ddl = (f"json_build_object('sql', {quote_literal_any(query)}, "
-           "'search_path', current_setting('search_path'), 'role', current_user, "
-           f"'makes_rows', {'true' if makes_rows else 'false'}{extra})::text")
-    capture = "set_config('mtm.capture', 'on', true)"
-    if drop:
-        return f"SELECT {capture}, set_config('mtm.pending_drop', {ddl}, true)"
-    if staged:
-        return f"SELECT {capture}, set_config('mtm.pending_ddl', {ddl}, true)"
-    return (f"SELECT {capture}, set_config('mtm.ddl_shipped', 'on', true), "
-            f"pg_logical_emit_message(true, 'mtm_ddl', {ddl})")
+# The proxy's own calls into mtm in a client's session. Those that only
+# the proxy may make take the node's secret (``token``) as a bind
+# parameter, so it never appears in a query text (pg_stat_activity shows
+# other sessions of the same role their queries' text, not parameters).
+
+CAPTURE_CALL = ("SELECT mtm.capture($1, $2, $3, current_setting('search_path'), current_user, "
+                "$4, $5::json)")
 
 
-# Lets temporary-table DDL past the DDL guard without shipping it.
-CAPTURE_LOCAL_SQL = "SELECT set_config('mtm.capture', 'on', true)"
-DDL_END_SQL = "SELECT pg_logical_emit_message(true, 'mtm_ddl_end', '')"
-# At COMMIT: did the transaction write (has an xid), did it touch a
-# temporary table, and does it have anything for the peers - DDL it shipped,
-# or a lock of a writing mode on a permanent table that is neither local
-# (mtm.make_table_local) nor in the mtm schema? A transaction keeps its locks
-# on every relation it used until it ends, and writing a table takes at
-# least ROW EXCLUSIVE on it (a trigger's writes included). One that only
-# wrote local, unlogged or temporary tables, or only advanced sequences
-# (node-local by design), commits here without the protocol.
-_TEMP_USED = ("EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-              "WHERE l.pid = pg_backend_pid() AND c.relpersistence = 't')")
-_DDL_SHIPPED = "coalesce(current_setting('mtm.ddl_shipped', true), '') = 'on'"
-_FOR_PEERS = (
-    _DDL_SHIPPED + " OR EXISTS ("
-    "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-    "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' "
-    "AND l.mode NOT IN ('AccessShareLock', 'RowShareLock') "
-    "AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p' "
-    "AND c.relnamespace <> 'mtm'::regnamespace "
-    "AND NOT EXISTS (SELECT 1 FROM mtm.local_tables t WHERE t.rel = c.oid))")
+def capture_call(plan: Plan, token: str) -> tuple[str, tuple]:
+    """Run before a DDL statement, in its transaction: lets the DDL guard
+    pass that one statement (if it fires event triggers at all) and ships
+    it as text with the session context it needs (search_path, role, the
+    settings that change what DDL does: mtm._ddl_settings). A DROP is only
+    staged: the sql_drop event trigger (mtm.on_sql_drop) ships it unless
+    everything it dropped was temporary, which exists on this node only.
+    So is DDL on a table that may be temporary (``plan.staged``): the
+    ddl_command_end event trigger (mtm.on_ddl_end) ships it, after the
+    statement ran, unless every object it made or changed is temporary (for
+    GRANT/REVOKE: every table in ``plan.rels``)."""
+    if not plan.fires:
+        mode = "ship"       # no event trigger would ship it later
+    else:
+        mode = "drop" if plan.drop else "staged" if plan.staged else "ship"
+    rels = json.dumps(list(plan.rels)) if plan.rels else None
+    return CAPTURE_CALL, (token, mode, plan.sql, "t" if plan.fires else "f", rels)
 
 
-def _commit_check_sql(uses_temp: bool) -> str:
-    temp = f"CASE WHEN x IS NULL THEN false ELSE {_TEMP_USED} END" if uses_temp else "false"
-    return (f"SELECT x IS NOT NULL, {temp}, CASE WHEN x IS NULL THEN false ELSE {_FOR_PEERS} END, "
-            f"{_DDL_SHIPPED} FROM (SELECT pg_current_xact_id_if_assigned() AS x) s")
+def capture_local_call(token: str) -> tuple[str, tuple]:
+    """Lets temporary-table DDL past the DDL guard without shipping it."""
+    return "SELECT mtm.capture_local($1)", (token,)
 
 
-# by whether the session used temporary tables (the temp check costs a scan)
-COMMIT_CHECK_SQL = {False: _commit_check_sql(False), True: _commit_check_sql(True)}
+def refresh_calls(plan: Plan, token: str) -> list[tuple[str, tuple]]:
+    return [("SELECT mtm.refresh_column($1, $2::regclass, $3, $4, $5)",
+             (token, rel, col, "t" if only else "f", "t" if always else "f"))
+            for rel, col, only, always in plan.refresh]
+
+
+def mark_call(gid: str, token: str) -> tuple[str, tuple]:
+    """Just before our PREPARE TRANSACTION: lets the commit guard pass this
+    transaction, and writes a logical message, which makes sure it decodes
+    with content: one that only advanced sequences would otherwise reach the
+    peers as a lone COMMIT PREPARED (PG15-FACTS), with nothing to vote on."""
+    return "SELECT mtm.mark_prepare($1, $2)", (token, gid)
+
+
+def prepare_sql(gid: str) -> str:
+    return f"PREPARE TRANSACTION {quote_literal_any(gid)}"
+
+
+# At COMMIT (mtm.commit_check): did the transaction write, did it touch a
+# temporary table, has it anything for the peers, did it ship DDL, did it
+# change large objects? Five booleans.
+COMMIT_CHECK_SQL = {b: f"SELECT * FROM mtm.commit_check({'true' if b else 'false'})"
+                    for b in (False, True)}
+LARGE_OBJECTS_REFUSED = (
+    "large objects cannot be replicated by the cluster, and this transaction created, "
+    "changed or removed one; it was rolled back")
+LARGE_OBJECTS_HINT = "Store binary data in a bytea column: it is replicated like any value."
 
 
 # Before a plain COMMIT of a transaction that used temporary tables: the
 # commit guard refuses it if it also wrote replicated tables.
 TEMP_COMMIT_MARK_SQL = "SELECT set_config('mtm.temp_commit', 'on', true)"
-
-
-def prepare_sql(gid: str) -> tuple[str, str]:
-    """Our PREPARE, as two statements. The first lets the commit guard pass
-    and writes a logical message, which makes sure the transaction decodes
-    with content: one that only advanced sequences would otherwise reach the
-    peers as a lone COMMIT PREPARED (PG15-FACTS), with nothing to vote on."""
-    g = quote_literal_any(gid)
-    return (f"SELECT set_config('mtm.preparing', 'on', true), "
-            f"pg_logical_emit_message(true, 'mtm_prepare', {g})", f"PREPARE TRANSACTION {g}")
 
 
 def user_gid_lookup_sql(user_gid: str) -> str:

@@ -120,7 +120,7 @@ class ProxyServer:
                 await asyncio.sleep(1)
         self.node = node
         for conn in self.sessions:
-            conn.core.set_cluster(True, node.next_gid)
+            conn.core.set_cluster(True, node.next_gid, node.token)
         self.log.info("cluster_mode_on", sessions=len(self.sessions))
 
     def is_ready(self) -> bool:
@@ -235,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
         self.core = Session(tls_available=server.ssl_context is not None,
                             proxy_secret=secrets.randbits(31))
         if server.node is not None:
-            self.core.set_cluster(True, server.node.next_gid)
+            self.core.set_cluster(True, server.node.next_gid, server.node.token)
         self.transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
         self.sid = server.next_session_id
@@ -382,7 +382,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if self.server.node is not None and not self.core.cluster:
-            self.core.set_cluster(True, self.server.node.next_gid)
+            self.core.set_cluster(True, self.server.node.next_gid, self.server.node.token)
         backend = BackendConnection(self)
         try:
             await self.server.open_backend(lambda: backend)

@@ -156,7 +156,7 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error", "_zseen", "cluster", "next_gid", "cp", "wounded",
+        "_drain_error", "_zseen", "cluster", "next_gid", "token", "cp", "wounded",
         "_wound_cancel", "wound_seq", "wound_answer")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
@@ -185,6 +185,7 @@ class Session:
         self._zseen = 0            # self._sf.peeked already applied
         self.cluster = False       # commits go through the cluster protocol
         self.next_gid: Callable[[], str] | None = None
+        self.token: str | None = None
         self.cp: ClusterPath | None = None      # the cluster path (proxy/clusterpath.py)
         # Set by wound-wait: this session's transaction holds a lock an
         # older cluster transaction needs. The message the client gets.
@@ -231,12 +232,15 @@ class Session:
         return Framer(inspect, frontend=True, allowed=_READY_CLIENT_ALLOWED,
                       max_inspect_len=wire.MAX_MESSAGE_LEN, count=count)
 
-    def set_cluster(self, on: bool, next_gid: Callable[[], str] | None = None) -> None:
+    def set_cluster(self, on: bool, next_gid: Callable[[], str] | None = None,
+                    token: str | None = None) -> None:
         """Turn commit interception on: from now on every client message
         goes through the cluster path (proxy/clusterpath.py) and writes go
-        through the commit protocol."""
+        through the commit protocol. ``token`` is the node's secret, which
+        the mtm functions that only the proxy may call require."""
         self.cluster = on
         self.next_gid = next_gid
+        self.token = token
         if on and self.cp is None:
             self.cp = ClusterPath(self)
             self.cp.blk = {b"I": "I", b"T": "T", b"E": "E"}[self.txn_status]

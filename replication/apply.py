@@ -48,8 +48,14 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
   - above: applied.
 - DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
   order with the rows, and is run with the session context it was captured
-  with; rows that the DDL statement made itself (CREATE TABLE AS) are
-  skipped until the ``mtm_ddl_end`` message, because the DDL re-creates them.
+  with: search_path, the settings that change what DDL does (origin's
+  values, set for that one statement), and the role. A superuser's DDL runs
+  after SET LOCAL ROLE; any other role's inside a SECURITY DEFINER function
+  owned by that role, where PostgreSQL refuses SET ROLE and SET SESSION
+  AUTHORIZATION, so code the statement runs (a volatile default, a CHECK
+  over existing rows) cannot take the applier's superuser rights. The text
+  must be exactly one statement. CREATE TABLE AS arrives WITH NO DATA; its
+  rows follow as rows.
 """
 from __future__ import annotations
 
@@ -59,16 +65,18 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+import pglast
+
 from common.sql import quote_ident, quote_literal
 
 from . import pgoutput as po
+from .cluster import DDL_SETTINGS
 
 DDL_PREFIX = "mtm_ddl"
 COPY_BATCH_ROWS = 5000
 COPY_BATCH_BYTES = 8 << 20
 INSERT_BATCH_ROWS = 50       # more inserts into one table in a row: COPY
 BATCH_BYTES = 256 << 10
-DDL_END_PREFIX = "mtm_ddl_end"
 
 
 def origin_name(node_id: int) -> str:
@@ -134,7 +142,6 @@ class Applier:
         self._in_txn = False
         self._gid: str | None = None
         self._failed: PrepareFailed | None = None
-        self._skip_rows = False
         self._commit_lsn = 0
         self._commit_ts = 0
         self._applied_lsn = 0      # highest applied at setup: older may be a replay
@@ -164,6 +171,12 @@ class Applier:
         await c.execute("SET check_function_bodies = off")
         await c.execute("SET session_replication_role = replica")
         await c.execute("SET standard_conforming_strings = on")   # see _quote
+        # this session's values of the settings DDL is run with (restored
+        # after each statement: the rows after it are applied with these)
+        self._settings = (await (await c.execute(
+            "SELECT json_object_agg(n, current_setting(n)) FROM unnest(%s::text[]) n",
+            (list(DDL_SETTINGS),))).fetchone())[0]
+        self._always: dict[int, tuple[po.Relation, frozenset]] = {}
         if not (await (await c.execute("SELECT to_regclass('mtm.apply_progress') IS NOT NULL"))
                 .fetchone())[0]:
             try:   # init-cluster makes it; a bare server (tests) gets it here
@@ -267,7 +280,7 @@ class Applier:
         if self._failed is not None:
             return None  # skipping the rest of a failed transaction
         try:
-            if cls is po.Insert and not self._skip_rows:
+            if cls is po.Insert:
                 await self._buffer_insert(msg)
             else:
                 await self._flush_inserts()
@@ -336,7 +349,6 @@ class Applier:
         self._in_txn = True
         self._gid = gid
         self._failed = None
-        self._skip_rows = False
 
     def _record_applied(self, gid: str | None) -> str:
         return (f"INSERT INTO mtm.applied (key, peer, lsn) VALUES "
@@ -458,8 +470,6 @@ class Applier:
     async def _apply_change(self, msg) -> None:
         cls = msg.__class__
         if cls is po.Insert:
-            if self._skip_rows:
-                return
             rel = self._rel(msg.relid)
             table, cols = _names(rel)
             self._add(f"INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE VALUES ("
@@ -468,13 +478,27 @@ class Applier:
             rel = self._rel(msg.relid)
             full = rel.replica_identity == "f"
             old = msg.old if msg.old is not None else msg.new
+            always = await self._always_columns(rel)
+            where = self._locate(rel, old, full and msg.old is not None)
+            check = (f"row to update not found in {rel.namespace}.{rel.name} "
+                     f"(change from node {self.peer_id})")
+            if always and msg.old is not None and any(
+                    col.name in always and o is not po.UNCHANGED_TOAST and o != v
+                    for col, o, v in zip(rel.columns, msg.old.values, msg.new.values)):
+                # a GENERATED ALWAYS identity value changed (UPDATE ... SET
+                # id = DEFAULT): only an INSERT may set one
+                table, cols = _names(rel)
+                self._add(f"WITH d AS (DELETE FROM {table} WHERE {where} RETURNING 1) "
+                          f"INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE SELECT "
+                          + ", ".join(map(_literal, msg.new.values)) + " FROM d", check=check)
+                return
             sets = ", ".join(f"{quote_ident(col.name)} = {_literal(v)}"
                              for col, v in zip(rel.columns, msg.new.values)
-                             if v is not po.UNCHANGED_TOAST)
-            self._add(f"UPDATE {_names(rel)[0]} SET {sets} WHERE "
-                      + self._locate(rel, old, full and msg.old is not None),
-                check=f"row to update not found in {rel.namespace}.{rel.name} "
-                      f"(change from node {self.peer_id})")
+                             if v is not po.UNCHANGED_TOAST and col.name not in always)
+            if not sets:    # only identity columns, unchanged: the row must exist
+                self._add(f"SELECT 1 FROM {_names(rel)[0]} WHERE {where} FOR UPDATE", check=check)
+                return
+            self._add(f"UPDATE {_names(rel)[0]} SET {sets} WHERE {where}", check=check)
         elif cls is po.Delete:
             rel = self._rel(msg.relid)
             self._add(f"DELETE FROM {_names(rel)[0]} WHERE "
@@ -492,26 +516,69 @@ class Applier:
             if msg.prefix == DDL_PREFIX:
                 await self._send_batch()
                 await self._apply_ddl(json.loads(msg.content))
-            elif msg.prefix == DDL_END_PREFIX:
-                self._skip_rows = False
             # other mtm_* messages (mtm_prepare) only mark the transaction
         else:
             raise ApplyError(f"unexpected {cls.__name__} from node {self.peer_id}")
 
     async def _apply_ddl(self, ddl: dict) -> None:
         c = self.conn
+        text = ddl["sql"]
+        try:
+            n = len(pglast.parse_sql(text))
+        except pglast.parser.ParseError as e:
+            raise psycopg.errors.SyntaxError(f"DDL from node {self.peer_id} does not parse: {e}")
+        if n != 1:
+            raise psycopg.errors.FeatureNotSupported(
+                f"DDL from node {self.peer_id} holds {n} statements, not one: refused")
         await c.execute("SAVEPOINT mtm_ddl")
         await c.execute("SELECT set_config('search_path', %s, true)", (ddl.get("search_path", ""),))
+        settings = ddl.get("settings")
+        if settings:
+            await c.execute("SELECT set_config(key, value, true) FROM json_each_text(%s::json)",
+                            (json.dumps(settings),))
         role = ddl.get("role")
+        superuser = True
         if role:
-            await c.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
-        for name, value in (ddl.get("settings") or {}).items():
-            await c.execute("SELECT set_config(%s, %s, true)", (name, value))
-        await c.execute(ddl["sql"])
-        if role:
-            await c.execute("RESET ROLE")
+            row = await (await c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s",
+                                         (role,))).fetchone()
+            if row is None:
+                raise psycopg.errors.UndefinedObject(
+                    f"role {role!r} of DDL from node {self.peer_id} does not exist here")
+            superuser = row[0]
+        if superuser:
+            if role:
+                await c.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            await c.execute(text)
+            if role:
+                await c.execute("RESET ROLE")
+        else:
+            # A function of the role's, SECURITY DEFINER: inside it the
+            # statement runs as the role and cannot leave it.
+            fn = f"mtm.apply_ddl_{self.conn.info.backend_pid}"
+            await c.execute(f"CREATE FUNCTION {fn}(text) RETURNS void LANGUAGE plpgsql "
+                            "SECURITY DEFINER AS 'BEGIN EXECUTE $1; END'")
+            await c.execute(sql.SQL("ALTER FUNCTION {}(text) OWNER TO {}").format(
+                sql.SQL(fn), sql.Identifier(role)))
+            await c.execute(f"SELECT {fn}(%s)", (text,))
+            await c.execute(f"DROP FUNCTION {fn}(text)")
+        # back to the applier's own settings for the rows that follow
+        await c.execute("SELECT set_config(key, value, true) FROM json_each_text(%s::json)",
+                        (json.dumps(self._settings),))
         await c.execute("RELEASE SAVEPOINT mtm_ddl")
-        self._skip_rows = bool(ddl.get("makes_rows"))
+
+    async def _always_columns(self, rel: po.Relation) -> frozenset:
+        """The table's GENERATED ALWAYS identity columns, which an UPDATE
+        may not set (looked up once per Relation message)."""
+        hit = self._always.get(rel.relid)
+        if hit is not None and hit[0] is rel:
+            return hit[1]
+        rows = await (await self.conn.execute(
+            "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass "
+            "AND a.attidentity = 'a' AND NOT a.attisdropped",
+            (_names(rel)[0],))).fetchall()
+        cols = frozenset(r[0] for r in rows)
+        self._always[rel.relid] = (rel, cols)
+        return cols
 
 
 class _MissingRow(Exception):

@@ -46,7 +46,7 @@ from . import link
 from . import pgoutput as po
 from .apply import (APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared,
                     Skipped)
-from .cluster import PUBLICATION, slot_name
+from .cluster import PUBLICATION, read_secret, slot_name
 from .pgpool import PgUnavailable, Pool
 from .stream import SlotStream, StreamError
 
@@ -117,6 +117,9 @@ class ReplicationNode:
         self.conninfo = pg.conninfo()
         self.password = pg.password()
         self._seq = 0
+        # the node's secret (mtm.secret), read at start: client sessions pass
+        # it to the mtm functions only the proxy may call
+        self.token: str | None = None
         # (peer, applier) -> (its backend pid, gid being applied, since when)
         # while it applies a transaction to be prepared
         self.applying: dict[tuple[int, int], tuple[int, str, float]] = {}
@@ -217,6 +220,11 @@ class ReplicationNode:
         precommit write it received before we died: positions, precommit
         records and prepared gids are read only after it is gone."""
         async with await self._connect(application_name=APP_PREFIX + "start") as conn:
+            self.token = await read_secret(conn)
+            if self.token is None:
+                raise RuntimeError("this node's database has no mtm.secret: it was set up by an "
+                                   "older mmproxy; run `mmproxy init-cluster --config <this "
+                                   "node's config>` once to update it")
             for attempt in range(100):
                 rows = await (await conn.execute(
                     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -36,7 +36,7 @@ def test_a_transaction_that_takes_longer_to_apply_than_the_timeout_commits(clust
         c.execute("CREATE TABLE slow (id int PRIMARY KEY)")
         c.execute("CREATE TABLE quick (id int PRIMARY KEY)")
     with psycopg.connect(cluster.direct(2).dsn(), autocommit=True) as c:
-        c.execute("SET mtm.capture = 'on'")      # local DDL, past the DDL guard
+        c.execute("SET session_replication_role = replica")   # local DDL, past the DDL guard
         c.execute("CREATE FUNCTION public.slow_row() RETURNS trigger LANGUAGE plpgsql AS "
                   "$$ BEGIN PERFORM pg_sleep(0.02); RETURN NEW; END $$")
         c.execute("CREATE TRIGGER slow_row BEFORE INSERT ON slow FOR EACH ROW "
@@ -68,7 +68,7 @@ def test_a_transaction_that_takes_longer_to_apply_than_the_timeout_commits(clust
         assert count(cluster, i, "SELECT count(*) FROM slow") == 150
         assert count(cluster, i, "SELECT count(*) FROM quick") == 1
     with psycopg.connect(cluster.direct(2).dsn(), autocommit=True) as c:
-        c.execute("SET mtm.capture = 'on'")
+        c.execute("SET session_replication_role = replica")
         c.execute("DROP TRIGGER slow_row ON slow")
 
 

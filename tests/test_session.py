@@ -472,7 +472,7 @@ def test_copy_data_waits_for_its_own_copy_not_the_previous_one():
         # table of this node only, say): a plain COMMIT
         s.server_bytes(wire.CommandComplete("COPY 1").encode() + wire.ReadyForQuery(b"T").encode())
         [check] = sent(s)
-        s.server_bytes(wire.DataRow((b"t", b"f", b"f", b"f")).encode()
+        s.server_bytes(wire.DataRow((b"t", b"f", b"f", b"f", b"f")).encode()
                        + wire.CommandComplete("SELECT 1").encode()
                        + wire.ReadyForQuery(b"T").encode())
         [commit] = sent(s)

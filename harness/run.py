@@ -87,6 +87,7 @@ class Campaign:
             self.base / "cluster", nodes, relay_clients=True, log_level=log_level,
             timeouts={"commit_vote_timeout_ms": 2000, **(timeouts or {})})
         self.history = History()
+        self._saved = 0          # ops of the history already in history.jsonl
         self.results: list[RoundResult] = []
 
     # -- running ------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Campaign:
         fault = fault or drawn_fault
         victim = victim or drawn_victim
         c = self.cluster
+        first_op = len(self.history.ops)
         load, stop = self._load()
         start_at = self.history.now()
         time.sleep(self.warm_s)
@@ -132,7 +134,7 @@ class Campaign:
         end_at = self.history.now()
         r = RoundResult(k, fault, victim, inj.other, inj.detail, fault_at - start_at,
                         heal_at - start_at, end_at - start_at, None, None, None)
-        self._measure(r, start_at, fault_at, heal_at, end_at)
+        self._measure(r, start_at, fault_at, heal_at, end_at, first_op)
         if load.is_alive():
             r.violations.append("the workload did not stop within 120 s")
         for e in getattr(load, "errors", []):
@@ -142,8 +144,9 @@ class Campaign:
         return r
 
     def _measure(self, r: RoundResult, start: float, fault: float, heal: float,
-                 end: float) -> None:
-        ops = [op for op in self.history.ops if start <= op.time <= end]
+                 end: float, first_op: int = 0) -> None:
+        # (only this round's part of the history: a long campaign's grows)
+        ops = [op for op in self.history.ops[first_op:] if start <= op.time <= end]
         oks = sorted((op.time, op.node) for op in ops
                      if op.type == "ok" and op.f in ("transfer", "txn"))
         survivors = [t for t, n in oks if t > fault and n != r.victim]
@@ -206,7 +209,12 @@ class Campaign:
     # -- reporting ------------------------------------------------------------------
 
     def save(self) -> None:
-        self.history.write_jsonl(self.base / "history.jsonl")
+        # appended, not rewritten: a 100-round history is hundreds of MB
+        n = len(self.history.ops)
+        with open(self.base / "history.jsonl", "a" if self._saved else "w") as f:
+            for op in self.history.ops[self._saved:n]:
+                f.write(op.to_json() + "\n")
+        self._saved = n
         if getattr(self, "finals", None):
             write_final_states(self.base / "final.json", self.finals,
                                workload=self.workload_name, params=self.workload.params())

@@ -82,7 +82,11 @@ class Campaign:
             self.workload = BankWorkload(seed=seed, **kw)
         else:
             kw = {} if clients_per_node is None else {"clients_per_node": clients_per_node}
-            self.workload = AppendWorkload(seed=seed, **kw)
+            # REPEATABLE READ: snapshot isolation on each node, where the
+            # checker allows only G2-item (write skew; mmts documents
+            # SERIALIZABLE as node-local). Under READ COMMITTED PostgreSQL
+            # itself shows G-single and lost updates.
+            self.workload = AppendWorkload(seed=seed, isolation="repeatable read", **kw)
         self.cluster = ClusterUnderTest(
             self.base / "cluster", nodes, relay_clients=True, log_level=log_level,
             timeouts={"commit_vote_timeout_ms": 2000, **(timeouts or {})})

@@ -196,6 +196,12 @@ def test_volatile_ddl_leaves_every_node_with_the_origins_values(cluster):
         c.execute("ALTER TABLE vol ADD COLUMN ts timestamptz DEFAULT clock_timestamp(), "
                   "ADD COLUMN s serial, ADD COLUMN k int DEFAULT 7")
         c.execute("ALTER TABLE vol ADD COLUMN t timestamptz DEFAULT now()")
+        # in a transaction block, through the simple and the extended protocol
+        c.execute("BEGIN")
+        c.execute("ALTER TABLE vol ADD COLUMN r2 float8 DEFAULT random()")
+        c.execute("COMMIT")
+        with c.transaction():
+            c.execute("ALTER TABLE vol ADD COLUMN r3 float8 DEFAULT random()", prepare=True)
         c.execute("ALTER TABLE vol ALTER COLUMN n TYPE float8 USING n + random()")
         c.execute("CREATE TABLE ctas AS SELECT g AS id, random() AS r FROM generate_series(1, 20) g")
         c.execute("SELECT g AS id, random() AS r INTO sel_into FROM generate_series(1, 20) g")

@@ -83,8 +83,12 @@ class NodeUnderTest:
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
                 try:
-                    self.proc.wait(30)
+                    self.proc.wait(10 if sig != signal.SIGKILL else 30)
                 except subprocess.TimeoutExpired:
+                    # a graceful stop that hangs is a bug: log every task's
+                    # stack (SIGUSR1) before the kill, for the post-mortem
+                    self.proc.send_signal(signal.SIGUSR1)
+                    time.sleep(0.5)
                     self.proc.kill()
                     self.proc.wait()
 

@@ -122,6 +122,9 @@ class ApplyError(RuntimeError):
 APPLIED_STATE_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid = %s "
                      "AND database = current_database()), "
                      "EXISTS (SELECT 1 FROM mtm.applied WHERE key = %s)")
+# ... and, in the same snapshot, the peer's durable apply horizon.
+REPLAY_STATE_SQL = (APPLIED_STATE_SQL
+                    + ", (SELECT lsn FROM mtm.apply_progress WHERE peer = %s)")
 APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
                      "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL); "
                      "CREATE TABLE IF NOT EXISTS mtm.apply_progress "
@@ -219,8 +222,16 @@ class Applier:
             # A coordinator still waiting for that vote retransmits its
             # VoteRequest, answered from the database (node.py _protocol).
             return Skipped(gid)
-        prepared, applied = await (await self.conn.execute(
-            APPLIED_STATE_SQL, (gid or "", self._applied_key(gid, end)))).fetchone()
+        # The durable horizon is read again, in the same snapshot as the
+        # look-up: the node advances it and trims mtm.applied below it in
+        # one transaction, possibly after this applier was set up, so a
+        # row missing here may be one trimmed as done.
+        prepared, applied, horizon = await (await self.conn.execute(
+            REPLAY_STATE_SQL, (gid or "", self._applied_key(gid, end), self.peer_id))).fetchone()
+        if horizon is not None:
+            self._horizon_lsn = max(self._horizon_lsn, po.parse_lsn(horizon))
+            if end <= self._horizon_lsn:
+                return Skipped(gid)
         if gid is not None and prepared:
             return Prepared(gid)
         if applied:

@@ -64,7 +64,7 @@ def _try(s: LocalPostgres, q: str) -> bool:
 
 async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
                until_commits: int = 0, *, slot: str = "to_b", until_vote: bool = False,
-               until_skipped: int = 0):
+               until_skipped: int = 0, after_setup=None):
     """Stream A's slot into B until the given numbers of plain commits and
     finished prepared transactions were applied (or, with ``until_vote``,
     until the first vote); returns the results and B's origin progress."""
@@ -72,6 +72,8 @@ async def pump(a: LocalPostgres, b: LocalPostgres, until_gids_finished: int = 0,
     target = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
     applier = Applier(target, peer_id=1)
     await applier.setup()
+    if after_setup is not None:
+        await after_setup()
     results = []
     await stream.start()
     commits = finished = 0
@@ -348,6 +350,43 @@ def test_a_resent_transaction_at_or_below_the_horizon_is_never_applied_again(pai
         b.psql(f"INSERT INTO mtm.apply_progress VALUES (1, '{horizon}') "
                "ON CONFLICT (peer) DO UPDATE SET lsn = excluded.lsn")
         results, _ = asyncio.run(pump(a, b, slot="to_b_again", until_skipped=3))
+        assert [type(r).__name__ for r in results] == ["Skipped"] * 3
+        assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
+    finally:
+        for s in ("to_b", "to_b_again"):
+            a.psql(f"SELECT pg_drop_replication_slot('{s}')")
+        b.psql("DELETE FROM mtm.apply_progress")
+        b.psql("TRUNCATE acc")
+        a.psql("TRUNCATE acc")
+        wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
+                                 "FROM pg_replication_origin"), what="origin released")
+
+
+def test_a_trim_after_the_appliers_setup_never_lets_a_replay_apply_again(pair):
+    """A receiver restarts (a peer's proxy came back) and sets its appliers
+    up, reading the durable horizon; then the node's periodic trim commits:
+    the horizon moves past what the restarted stream resends and those
+    transactions' mtm.applied rows go. The replays must still be skipped:
+    found neither prepared nor recorded, they were applied a second time
+    (money created in the all-faults campaign, round 83)."""
+    a, b = pair
+    for s in ("to_b", "to_b_again"):
+        a.psql(f"SELECT pg_create_logical_replication_slot('{s}', 'pgoutput', false, true)")
+    try:
+        a.psql("INSERT INTO acc VALUES (1, 'ann', 100, NULL)")
+        a.psql("UPDATE acc SET amount = 110 WHERE id = 1")
+        a.psql("UPDATE acc SET amount = 120 WHERE id = 1")
+        asyncio.run(pump(a, b, until_commits=3))
+        horizon = a.psql("SELECT pg_current_wal_lsn()").strip()
+
+        async def trim():     # what ReplicationNode.forget_applied_round commits
+            async with await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True) as c:
+                async with c.transaction():
+                    await c.execute("INSERT INTO mtm.apply_progress VALUES (1, %s) ON CONFLICT "
+                                    "(peer) DO UPDATE SET lsn = excluded.lsn", (horizon,))
+                    await c.execute("DELETE FROM mtm.applied WHERE peer = 1")
+        results, _ = asyncio.run(pump(a, b, slot="to_b_again", until_skipped=3,
+                                      after_setup=trim))
         assert [type(r).__name__ for r in results] == ["Skipped"] * 3
         assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
     finally:

@@ -46,6 +46,7 @@ class Injected:
     detail: str = ""
     fired: bool = True                  # a failpoint that never fired heals as a no-op
     edges: list = field(default_factory=list)
+    stop_s: float | None = None         # restart-proxy: how long the graceful stop took
 
 
 def inject(c: ClusterUnderTest, fault: str, victim: int, rng: random.Random,
@@ -56,7 +57,10 @@ def inject(c: ClusterUnderTest, fault: str, victim: int, rng: random.Random,
     if fault == "kill-proxy":
         node.kill_proxy(signal.SIGKILL)
     elif fault == "restart-proxy":
+        t0 = time.monotonic()
         node.kill_proxy(signal.SIGTERM)
+        inj.stop_s = round(time.monotonic() - t0, 2)
+        inj.detail = f"graceful stop took {inj.stop_s:g} s"
     elif fault == "pause-proxy":
         node.pause_proxy()
     elif fault == "crash-pg":

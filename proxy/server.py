@@ -148,7 +148,8 @@ class ProxyServer:
             coro = loop.create_unix_connection(factory, pg.socket_path)
         else:
             coro = loop.create_connection(factory, pg.host, pg.port)
-        return await asyncio.wait_for(coro, timeout)
+        async with asyncio.timeout(timeout):     # (not wait_for: see replication/stream.py)
+            return await coro
 
     async def send_cancel(self, pid: int, secret: int) -> None:
         backend_secret = self.cancel_keys.get((pid, secret))
@@ -510,7 +511,17 @@ def _dump_state(server: ProxyServer) -> None:
     for task in asyncio.all_tasks():
         buf = io.StringIO()
         task.print_stack(limit=12, file=buf)
-        server.log.warning("task_stack", task=task.get_name(), stack=buf.getvalue())
+        # a task's stack shows its outer coroutine only: follow what each
+        # coroutine awaits, down to where it really waits
+        chain, coro = [], task.get_coro()
+        while coro is not None and len(chain) < 30:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} "
+                             f"{frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        server.log.warning("task_stack", task=task.get_name(), stack=buf.getvalue(),
+                           awaiting=chain)
     for conn in list(server.sessions):
         cp = conn.core.cp
         if cp is not None:

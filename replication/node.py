@@ -337,8 +337,9 @@ class ReplicationNode:
                                     f"node {owner}, which prepared {gid}, is not connected")
             timeout = self.cfg.timeouts.commit_vote_timeout_ms / 1000
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):   # (not wait_for: see stream.py)
+                    return await asyncio.shield(fut)
+            except TimeoutError:
                 return cp.Reply(gid, not commit, "08006",
                                 f"node {owner}, which prepared {gid}, did not answer within "
                                 f"{timeout:g} s; the transaction is still prepared")

@@ -32,6 +32,9 @@ from . import pgoutput as po
 
 
 _XLOGDATA = ord("w")
+# closing does not wait longer than this to report the confirmed position
+# (the slot keeps the last one it got; the next session reports again)
+CLOSE_STATUS_TIMEOUT_S = 1.0
 _XLOG_HEADER = struct.Struct("!QQ")     # start LSN, server's end of WAL (then send time)
 
 
@@ -89,13 +92,22 @@ class SlotStream:
 
     async def _wait_readable(self) -> None:
         self._readable.clear()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow
+        # the task's cancellation when the wait ends at the same moment, and
+        # a sender that lost its cancellation streams on forever (a proxy
+        # asked to stop hung until killed)
         try:
-            await asyncio.wait_for(self._readable.wait(), self.status_interval_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.status_interval_s):
+                await self._readable.wait()
+        except TimeoutError:
             pass
 
     async def _flush(self) -> None:
+        # While our bytes wait, read what the walsender sends (libpq's
+        # advice for PQflush returning 1): a walsender blocked writing to a
+        # full socket reads nothing, so not reading would wait forever.
         while self._pg.flush() == 1:
+            self._pg.consume_input()
             await asyncio.sleep(0.001)
 
     def confirm(self, lsn: int) -> None:
@@ -158,9 +170,10 @@ class SlotStream:
 
     async def close(self) -> None:
         if self._pg is not None and self.confirmed_lsn > self.start_lsn:
-            try:  # report the last confirmed position before leaving
-                await self.send_status()
-            except (StreamError, psycopg.Error, OSError):
+            try:  # report the last confirmed position before leaving, briefly
+                async with asyncio.timeout(CLOSE_STATUS_TIMEOUT_S):
+                    await self.send_status()
+            except (StreamError, psycopg.Error, OSError, TimeoutError):
                 pass
         if self._fd is not None:
             try:

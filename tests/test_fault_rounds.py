@@ -26,8 +26,8 @@ def camp(workdir):
     c.cluster.stop()
 
 
-@pytest.mark.parametrize("k, fault", enumerate([
-    "pause-proxy", "edge-cut", "clog", "fp:member_after_precommit", "restart-proxy"]))
+@pytest.mark.parametrize("k, fault", list(enumerate([
+    "pause-proxy", "edge-cut", "clog", "fp:member_after_precommit", "restart-proxy"])))
 def test_append_round(camp, k, fault):
     r = camp.run_round(k, fault=fault)
     assert not r.violations, "\n".join(r.violations)

@@ -17,6 +17,7 @@ Names (``FAULTS``):
   edge-cut        cut the links between the victim and one other node only
   one-way         stall only what the victim sends to one other node
   clog            stall links one by one (swizzle-clog), unclog in random order
+  slow-links      delay every link of the victim by 50-300 ms each way; heal: no delay
   fp:<name>       crash the victim's proxy at failpoint <name>; heal: start it
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .cluster import ClusterUnderTest
 
 PROCESS_FAULTS = ("kill-proxy", "restart-proxy", "pause-proxy", "crash-pg", "kill-node",
                   "pause-node")
-NETWORK_FAULTS = ("isolate-drop", "isolate-reject", "edge-cut", "one-way", "clog")
+NETWORK_FAULTS = ("isolate-drop", "isolate-reject", "edge-cut", "one-way", "clog", "slow-links")
 FAILPOINT_FAULTS = tuple(f"fp:{p}" for p in POINTS)
 FAULTS = PROCESS_FAULTS + NETWORK_FAULTS + FAILPOINT_FAULTS
 
@@ -86,6 +87,10 @@ def inject(c: ClusterUnderTest, fault: str, victim: int, rng: random.Random,
         for e in inj.edges:              # one by one over the first part of the hold
             c.relay.stall(e)
             time.sleep(min(0.5, hold_s / (2 * len(inj.edges))))
+    elif fault == "slow-links":
+        ms = rng.choice([50, 100, 300])
+        c.relay.delay(ms, *c.link_edges(victim))
+        inj.detail = f"{ms} ms"
     elif fault.startswith("fp:"):
         point = fault[3:]
         node.arm(f"{point}=crash")
@@ -129,4 +134,4 @@ def heal(c: ClusterUnderTest, inj: Injected, rng: random.Random) -> None:
 def victim_side_down(fault: str) -> bool:
     """Does the fault stop the victim from committing (today, with a fixed
     membership, it stops everyone: see the runner's availability figures)?"""
-    return fault not in ("one-way", "clog")
+    return fault not in ("one-way", "clog", "slow-links")

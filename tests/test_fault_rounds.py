@@ -27,7 +27,8 @@ def camp(workdir):
 
 
 @pytest.mark.parametrize("k, fault", list(enumerate([
-    "pause-proxy", "edge-cut", "clog", "fp:member_after_precommit", "restart-proxy"])))
+    "pause-proxy", "edge-cut", "clog", "fp:member_after_precommit", "restart-proxy",
+    "slow-links"])))
 def test_append_round(camp, k, fault):
     r = camp.run_round(k, fault=fault)
     assert not r.violations, "\n".join(r.violations)

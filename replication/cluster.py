@@ -118,9 +118,9 @@ GRANT SELECT ON mtm.local_tables TO PUBLIC;
 -- may call, and it keys the MACs of the flags those functions set.
 CREATE TABLE IF NOT EXISTS mtm.secret (k text NOT NULL);
 REVOKE ALL ON mtm.secret FROM PUBLIC;
--- Advanced only by mtm.mark_prepare (SECURITY DEFINER, proxy only); any
--- role may read currval, which is this session's own: the commit guard's
--- cheap proof that the proxy marked this transaction.
+-- Set only by mtm.mark_prepare (SECURITY DEFINER, proxy only); any role
+-- may read currval, which is this session's own: the commit guard's cheap
+-- proof that the proxy marked this transaction.
 CREATE SEQUENCE IF NOT EXISTS mtm.auth_seq;
 REVOKE ALL ON SEQUENCE mtm.auth_seq FROM PUBLIC;
 GRANT SELECT ON SEQUENCE mtm.auth_seq TO PUBLIC;
@@ -206,8 +206,12 @@ CREATE OR REPLACE FUNCTION mtm.mark_prepare(token text, gid text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 BEGIN
   PERFORM mtm._authorize(token, 'mtm.mark_prepare');
+  -- setval, not nextval: it sets this session's currval of auth_seq without
+  -- touching lastval(), which the client's own sequences own (PDO's
+  -- lastInsertId reads it after an autocommit INSERT)
   PERFORM set_config('mtm.preparing',
-                     nextval('mtm.auth_seq')::text || ':' || pg_current_xact_id()::text, true);
+                     setval('mtm.auth_seq', pg_current_xact_id()::text::bigint, true)::text
+                     || ':' || pg_current_xact_id()::text, true);
   PERFORM pg_logical_emit_message(true, 'mtm_prepare', gid);
 END $f$;
 

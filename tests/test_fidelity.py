@@ -67,6 +67,19 @@ def test_a_plain_role_writes_every_way(cluster):
         c.execute("SET ROLE app")
         c.execute("INSERT INTO app_t VALUES (4, 'set role')")
         assert c.execute("SELECT current_user").fetchone() == ("app",)
+    # the proxy's commit marking leaves the client's lastval() alone (PDO's
+    # lastInsertId reads it after an autocommit INSERT)
+    with psycopg.connect(cluster.dsn(1, user="app"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            c.execute("SELECT lastval()")
+        c.execute("INSERT INTO app_t VALUES (5, 'five')")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            c.execute("SELECT lastval()")
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE serials (id serial PRIMARY KEY)")
+        c.execute("INSERT INTO serials DEFAULT VALUES")
+        assert c.execute("SELECT lastval() = (SELECT max(id) FROM serials)").fetchone() == (True,)
+        c.execute("DELETE FROM app_t WHERE id = 5")
     same_everywhere(cluster, "SELECT * FROM app_t ORDER BY id",
                     [(1, "simple!"), (2, "extended"), (3, "block"), (4, "set role")])
     # what PostgreSQL refuses the role, the cluster refuses it too

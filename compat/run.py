@@ -81,6 +81,56 @@ def run_psql(sql: Path, env: dict[str, str], out: Path, timeout_s: float) -> tup
     return time.monotonic() - t0, True
 
 
+def run_psql_stepwise(sql: Path, env: dict[str, str], out: Path, timeout_s: float,
+                      markers: Path, check) -> tuple[float, bool]:
+    """The same psql run, fed unit by unit (compat.statements): after each
+    unit, a ``\\! touch`` marker tells that psql has run it, and
+    ``check(unit)`` runs while psql waits for more input. The marker lines
+    psql echoes are removed from ``out``, so it reads as a plain run's."""
+    from .statements import units
+    cmd = [os.path.join(_bindir(), "psql"), "-X", "-a", "-q", "-d", REGRESS_DB,
+           "-v", "HIDE_TABLEAM=on", "-v", "HIDE_TOAST_COMPRESSION=on"]
+    markers.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    timed_out = False
+    marker_lines = set()
+    with open(out, "wb") as fout:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=fout,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            for k, unit in enumerate(units(sql.read_text(errors="surrogateescape"))):
+                mark = markers / f"m{k}"
+                line = f"\\! touch {mark}"
+                marker_lines.add(line)
+                proc.stdin.write((unit.text + line + "\n").encode(errors="surrogateescape"))
+                proc.stdin.flush()
+                while not mark.exists():
+                    if proc.poll() is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(cmd, timeout_s)
+                    time.sleep(0.005)
+                if proc.poll() is not None:
+                    break
+                c0 = time.monotonic()
+                check(unit)
+                deadline += time.monotonic() - c0      # the limit is for psql, not the checks
+            proc.stdin.close()
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            timed_out = proc.poll() is None
+            if timed_out:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.read_bytes().decode(errors="surrogateescape").split("\n")
+    kept = [ln for ln in text if ln not in marker_lines]
+    if timed_out:
+        kept.append(f"*** compat: psql killed at the time limit ({timeout_s:g} s)\n")
+    out.write_bytes("\n".join(kept).encode(errors="surrogateescape"))
+    return time.monotonic() - t0, timed_out
+
+
 def _bindir() -> str:
     from proxy.pgserver import pg_bin_dir
     return pg_bin_dir()
@@ -115,17 +165,20 @@ class DivergenceTracker:
         return {i: v for i, v in new.items() if v}
 
 
-def settle_and_dump(targets: Targets, timeout_s: float = SETTLE_TIMEOUT_S):
-    """Dump every node until they agree and no prepared transaction is
-    left, or until what differs stays unchanged for SETTLE_STABLE_S, or
-    until ``timeout_s``. Returns (dumps by node, prepared by node, seconds,
-    errors)."""
+def settle_and_dump(targets: Targets, timeout_s: float = SETTLE_TIMEOUT_S,
+                    known: set[tuple[int, str]] | None = None):
+    """Dump every node until they agree (apart from differences in
+    ``known``, already charged to an earlier file) with no prepared
+    transaction left, or until what differs stays unchanged for
+    SETTLE_STABLE_S, or until ``timeout_s``. Returns (dumps by node - None
+    where a dump failed -, prepared by node, seconds, errors)."""
     t0 = time.monotonic()
     prev = None
     stable_since = t0
+    known = known or set()
     while True:
         errors: list[str] = []
-        ds: dict[int, str] = {}
+        ds: dict[int, str | None] = {}
         prepared: dict[int, list[str]] = {}
         for i in targets.node_ids():
             pg = targets.node_pg(i)
@@ -133,16 +186,16 @@ def settle_and_dump(targets: Targets, timeout_s: float = SETTLE_TIMEOUT_S):
                 ds[i] = dumps.dump_node(pg, REGRESS_DB)
             except dumps.DumpError as e:
                 errors.append(f"node {i}: {e}")
-                ds[i] = ""
+                ds[i] = None
             prepared[i] = dumps.prepared_xacts(pg)
-        first = ds[targets.node_ids()[0]]
-        agree = all(d == first for d in ds.values()) and not any(prepared.values())
         now = time.monotonic()
+        lines = Runner._node_differences(ds)
+        if lines is not None and not any(prepared.values()) and all(
+                (i, ln) in known for i, v in lines.items() for ln in v):
+            return ds, prepared, now - t0, errors
         state = (ds, prepared)
         if state != prev:
             stable_since = now
-        if agree and not errors:
-            return ds, prepared, now - t0, errors
         if now - stable_since >= SETTLE_STABLE_S or now - t0 >= timeout_s:
             return ds, prepared, now - t0, errors
         prev = state
@@ -152,8 +205,15 @@ def settle_and_dump(targets: Targets, timeout_s: float = SETTLE_TIMEOUT_S):
 # -- the run -----------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, args, sql_dir: Path, out: Path, exp: expected_mod.Expected):
-        self.args = args
+    """Runs files one by one on started targets and judges each (the loop
+    is the caller's: compat.run.main, tests/test_compat.py)."""
+
+    def __init__(self, sql_dir: Path, out: Path, exp: expected_mod.Expected, *,
+                 timeout_s: float = FILE_TIMEOUT_S, settle_s: float = SETTLE_TIMEOUT_S,
+                 stepwise: frozenset[str] = frozenset()):
+        self.timeout_s = timeout_s
+        self.stepwise = stepwise
+        self.settle_s = settle_s
         self.sql_dir = sql_dir
         self.out = out
         self.exp = exp
@@ -164,19 +224,28 @@ class Runner:
 
     def start(self, base: Path) -> None:
         self.targets = Targets(base, log=log).start()
+        self.check_baseline()
+
+    def check_baseline(self) -> None:
+        """The nodes must agree before the first file (or the run would
+        charge a file with what was there before)."""
         ds, prepared, waited, errors = settle_and_dump(self.targets)
         lines = self._node_differences(ds)
-        self.tracker.update(lines)
         if lines or errors or any(prepared.values()):
             raise RuntimeError(f"the nodes differ before any file ran: {lines} {errors} "
                                f"{prepared}")
 
-    def _node_differences(self, ds: dict[int, str]) -> dict[int, list[str]]:
+    @staticmethod
+    def _node_differences(ds: dict[int, str | None]) -> dict[int, list[str]] | None:
+        """Node 1's dump against each other node's: the differing lines per
+        node; None when a dump is missing (nothing can be said)."""
+        if any(d is None for d in ds.values()):
+            return None
         ids = sorted(ds)
         base = ds[ids[0]]
         return {i: dumps.differing_lines(base, ds[i]) for i in ids[1:] if ds[i] != base}
 
-    def run_file(self, name: str, index: int, total: int) -> dict:
+    def run_file(self, name: str) -> dict:
         t = self.targets
         sql = self.sql_dir / f"{name}.sql"
         res: dict = {"file": name, "errors": []}
@@ -184,12 +253,19 @@ class Runner:
         for side, port in (("standalone", t.standalone_port()), ("cluster", t.node_port(1))):
             raw = self.out / "outputs" / f"{name}.{side}.out"
             raw.parent.mkdir(parents=True, exist_ok=True)
-            secs, timed_out = run_psql(sql, psql_env(t.dirs, port, name), raw,
-                                       self.args.timeout)
+            env = psql_env(t.dirs, port, name)
+            if side == "cluster" and name in self.stepwise:
+                steps: list[dict] = []
+                res["stepwise"] = steps
+                secs, timed_out = run_psql_stepwise(
+                    sql, env, raw, self.timeout_s, self.out / "markers" / name,
+                    lambda unit: self._check_unit(name, unit, steps))
+            else:
+                secs, timed_out = run_psql(sql, env, raw, self.timeout_s)
             res[f"{side}_s"] = round(secs, 2)
             if timed_out:
                 res["errors"].append(f"{side}: psql killed at the time limit "
-                                     f"({self.args.timeout:g} s)")
+                                     f"({self.timeout_s:g} s)")
                 t.end_sessions(name)
             text = raw.read_text(errors="surrogateescape")
             raw.write_text(normalise_output(text, t.replacements(), t.ports()),
@@ -218,11 +294,11 @@ class Runner:
         if dead:
             res["errors"].append(f"proxy of node(s) {dead} exited")
         # the nodes' state
-        ds, prepared, waited, errors = settle_and_dump(t, self.args.settle)
+        ds, prepared, waited, errors = settle_and_dump(t, self.settle_s, self.tracker.known)
         res["settle_s"] = round(waited, 1)
         res["errors"] += [f"dump: {e}" for e in errors]
         lines = self._node_differences(ds)
-        new = self.tracker.update(lines)
+        new = self.tracker.update(lines) if lines is not None else {}
         div: dict = {}
         if lines:
             div["nodes_differing"] = sorted(lines)
@@ -246,10 +322,39 @@ class Runner:
         res["category"] = self._category(res)
         return res
 
+    def _in_transaction(self, name: str) -> bool:
+        """Is the file's session (on node 1's PostgreSQL) inside a
+        transaction block?"""
+        pg = self.targets.node_pg(self.targets.node_ids()[0])
+        out = pg.psql("SELECT state FROM pg_stat_activity WHERE application_name = "
+                      f"'pg_regress/{name}'", check=False)
+        return "idle in transaction" in out
+
+    def _check_unit(self, name: str, unit, steps: list[dict]) -> None:
+        """--stepwise: after one unit of the file ran through node 1, are the
+        nodes still the same? Records the units that made them differ
+        (the divergence tracker is advanced, so the file's own check after
+        the last unit charges it with nothing new; the steps say what)."""
+        if self._in_transaction(name):
+            return      # nothing of it is committed yet, and its locks would stall the dumps
+        ds, prepared, waited, errors = settle_and_dump(self.targets, self.settle_s,
+                                                       self.tracker.known)
+        lines = self._node_differences(ds)
+        new = self.tracker.update(lines) if lines is not None else {}
+        left = {str(i): v for i, v in prepared.items() if v}
+        if new or left or errors:
+            steps.append({"lines": f"{unit.first_line}-{unit.last_line}",
+                          "statement": unit.text.strip().splitlines()[:REPORT_LINES],
+                          "new_lines": {str(i): v[:REPORT_LINES] for i, v in new.items()},
+                          "prepared_left": left, "errors": errors})
+            log(f"    {name}:{unit.first_line}-{unit.last_line}: the nodes differ after: "
+                f"{unit.text.strip().splitlines()[0][:100]}")
+
     @staticmethod
     def _category(res: dict) -> str:
         div = res.get("divergence", {})
-        if div.get("new_lines") or div.get("prepared_left"):
+        if div.get("new_lines") or div.get("prepared_left") or any(
+                st["new_lines"] or st["prepared_left"] for st in res.get("stepwise", [])):
             return "DIVERGENCE"
         if res["errors"]:
             return "ERROR"
@@ -307,6 +412,10 @@ def parse_args(argv):
                          "reasons, add new blocks with reason 'TODO: explain'")
     ap.add_argument("--expected", type=Path, default=expected_mod.EXPECTED_FILE)
     ap.add_argument("--cache", type=Path, help="where the regression SQL is cached")
+    ap.add_argument("--stepwise", nargs="+", metavar="NAME", default=[],
+                    help="for these files, check the nodes after every statement (slow: a "
+                         "dump of every node per statement), to find the one that made "
+                         "them differ")
     ap.add_argument("--list", action="store_true", help="print the files that would run")
     return ap.parse_args(argv)
 
@@ -346,7 +455,8 @@ def main(argv=None) -> int:
               "mmproxy": _git_rev(), "regression_sql": f"PostgreSQL {PG_VERSION} "
               f"(pglast {PGLAST_VERSION} sdist)", "files_requested": files,
               "expected_file": str(args.expected), "results": []}
-    runner = Runner(args, sql_dir, out, exp)
+    runner = Runner(sql_dir, out, exp, timeout_s=args.timeout, settle_s=args.settle,
+                    stepwise=frozenset(n for item in args.stepwise for n in item.split(",")))
     t0 = time.monotonic()
     interrupted = None
     log(f"{len(files)} file(s); output in {out}; servers in {base}")
@@ -363,7 +473,7 @@ def main(argv=None) -> int:
             _write_report(out, report, runner.results, t0)
             return 2
         for k, name in enumerate(files, 1):
-            r = runner.run_file(name, k, len(files))
+            r = runner.run_file(name)
             runner.results.append(r)
             _write_report(out, report, runner.results, t0)
             n_new = sum(1 for b in r["blocks"] if b["status"] == "new")

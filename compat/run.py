@@ -283,6 +283,7 @@ class Runner:
                            "cluster": b.plus[:REPORT_LINES],
                            "lines": f"-{len(b.minus)} +{len(b.plus)}"})
         res["blocks"] = judged
+        res["expected_not_seen"] = self.exp.unseen(name, found)
         if found:
             diff = self.out / "diffs" / f"{name}.diff"
             dumps.write(diff, expected_mod.pretty_diff(outs["standalone"], outs["cluster"]))
@@ -410,6 +411,9 @@ def parse_args(argv):
     ap.add_argument("--accept", action="store_true",
                     help="record this run's differences in the expected file: keep existing "
                          "reasons, add new blocks with reason 'TODO: explain'")
+    ap.add_argument("--prune", action="store_true",
+                    help="with --accept: also drop the blocks of the files run that this "
+                         "run did not find")
     ap.add_argument("--expected", type=Path, default=expected_mod.EXPECTED_FILE)
     ap.add_argument("--cache", type=Path, help="where the regression SQL is cached")
     ap.add_argument("--stepwise", nargs="+", metavar="NAME", default=[],
@@ -502,7 +506,7 @@ def main(argv=None) -> int:
         added = 0
         for r in runner.results:
             if not any("time limit" in e for e in r["errors"]):
-                added += exp.record(r["file"], runner.found_blocks[r["file"]])
+                added += exp.record(r["file"], runner.found_blocks[r["file"]], args.prune)
         expected_mod.save(exp, args.expected)
         log(f"--accept: {added} new block(s) recorded in {args.expected} "
             f"with reason '{expected_mod.TODO}'")

@@ -56,6 +56,22 @@ REFUSAL = re.compile(r"^(ERROR|FATAL|WARNING):  .*(mmproxy|replicat|cluster|cann
                      r"|replica identity)")
 
 
+# What varies from one run of the cluster to the next inside a block, so
+# that its fingerprint stays the same: which peer reported an apply failure
+# first (a race between the peers), and the numbers in the cluster's gids.
+# Only the fingerprint is masked; outputs and diffs keep the real text.
+FINGERPRINT_MASKS = (
+    (re.compile(r"\bnode \d+ could not apply it"), "node N could not apply it"),
+    (re.compile(r"\bMTM-\d+-\d+-\d+"), "MTM-n-g-seq"),
+)
+
+
+def _masked(line: str) -> str:
+    for rx, rep in FINGERPRINT_MASKS:
+        line = rx.sub(rep, line)
+    return line
+
+
 @dataclass
 class Block:
     standalone_line: int          # 1-based line in the standalone output where it starts
@@ -65,7 +81,8 @@ class Block:
 
     @property
     def fingerprint(self) -> str:
-        text = "\n".join(["-" + ln for ln in self.minus] + ["+" + ln for ln in self.plus])
+        text = "\n".join(["-" + _masked(ln) for ln in self.minus]
+                         + ["+" + _masked(ln) for ln in self.plus])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property

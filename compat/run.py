@@ -218,6 +218,7 @@ class Runner:
         self.out = out
         self.exp = exp
         self.tracker = DivergenceTracker()
+        self.known_prepared: set[tuple[int, str]] = set()   # charged to an earlier file
         self.targets: Targets | None = None
         self.results: list[dict] = []
         self.found_blocks: dict[str, list[expected_mod.Block]] = {}
@@ -316,7 +317,10 @@ class Runner:
         if new:
             div["new_lines"] = {str(i): v[:REPORT_LINES * 2] for i, v in new.items()}
             div["new_line_count"] = sum(len(v) for v in new.values())
-        left = {str(i): v for i, v in prepared.items() if v}
+        left = {str(i): [g for g in v if (i, g) not in self.known_prepared]
+                for i, v in prepared.items()}
+        left = {i: v for i, v in left.items() if v}
+        self.known_prepared = {(i, g) for i, v in prepared.items() for g in v}
         if left:
             div["prepared_left"] = left
         res["divergence"] = div

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,15 +126,102 @@ def _sort_copy_blocks(lines: list[str]) -> list[str]:
     return out
 
 
-def normalise_dump(text: str) -> str:
-    kept = [n for e in parse_entries(text) if (n := normalise_entry(e)) is not None]
-    return "\n".join(sorted(e.text() for e in kept)) + "\n"
+class NodeDump:
+    """One node's normalised dump: its entries by key (the entry's header;
+    the globals are one entry), compared entry by entry."""
+
+    def __init__(self, entries: dict[str, list[str]]):
+        self.entries = entries
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NodeDump) and self.entries == other.entries
+
+    def text(self) -> str:
+        return "".join(k + "\n" + "".join(ln + "\n" for ln in v)
+                       for k, v in sorted(self.entries.items()))
 
 
-def normalise_globals(text: str) -> str:
-    lines = [LOCATION.sub(r"\1<location>\2", ln) for ln in text.splitlines()
-             if ln.strip() and ln != "--" and not RESTRICT.match(ln)]
-    return "\n".join(lines) + "\n"
+def normalise_dump(text: str) -> dict[str, list[str]]:
+    """The kept, normalised entries of a plain dump, by header (a header
+    that occurs twice gets a counter)."""
+    out: dict[str, list[str]] = {}
+    for e in parse_entries(text):
+        n = normalise_entry(e)
+        if n is None:
+            continue
+        key, k = n.header, 1
+        while key in out:
+            k += 1
+            key = f"{n.header} (#{k})"
+        out[key] = n.lines
+    return out
+
+
+def _short(header: str) -> str:
+    m = HEADER.match(header)
+    if not m:
+        return header.removeprefix("-- ")
+    return f"{m['type']} {m['schema']}.{m['name']}".replace("-.", "")
+
+
+def differing_lines(base: NodeDump, other: NodeDump) -> list[str]:
+    """What only one of two dumps holds, line by line, each line saying
+    which entry it is in: ``-[TABLE DATA public.t] 1 a`` is only in
+    ``base``, ``+[...]`` only in ``other``. Linear in the dumps' size (a
+    table of millions of rows is compared as a multiset of lines)."""
+    out: list[str] = []
+    for key in sorted(set(base.entries) | set(other.entries)):
+        a, b = base.entries.get(key), other.entries.get(key)
+        if a == b:
+            continue
+        where = _short(key)
+        if a is None or b is None:
+            sign = "+" if a is None else "-"
+            out += [f"{sign}[{where}] (the whole entry)"] + [
+                f"{sign}[{where}] {ln}" for ln in (b if a is None else a)]
+            continue
+        ca, cb = Counter(a), Counter(b)
+        only_a, only_b = ca - cb, cb - ca
+        if not only_a and not only_b:          # same lines, another order
+            out.append(f"~[{where}] same lines in another order")
+            continue
+        out += [f"-[{where}] {ln}" for ln in _take(a, only_a)]
+        out += [f"+[{where}] {ln}" for ln in _take(b, only_b)]
+    return out
+
+
+def _take(lines: list[str], counts: Counter) -> list[str]:
+    """The lines of ``lines`` that ``counts`` holds, in order, each as many
+    times as counted."""
+    out = []
+    for ln in lines:
+        if counts.get(ln, 0) > 0:
+            counts[ln] -= 1
+            out.append(ln)
+    return out
+
+
+def unified(base: NodeDump, other: NodeDump, a: str, b: str, n: int = 3,
+            max_lines: int = 20000) -> str:
+    """A readable diff of the differing entries only (entries longer than
+    ``max_lines`` as their differing lines)."""
+    parts = []
+    for key in sorted(set(base.entries) | set(other.entries)):
+        x, y = base.entries.get(key, []), other.entries.get(key, [])
+        if x == y:
+            continue
+        if len(x) + len(y) > max_lines:
+            parts.append(f"@@ {key}: differing lines only\n" + "".join(
+                ln + "\n" for ln in differing_lines(NodeDump({key: x}), NodeDump({key: y}))))
+        else:
+            parts.append("".join(ln + "\n" for ln in difflib.unified_diff(
+                [key] + x, [key] + y, a, b, lineterm="", n=n)))
+    return "".join(parts)
+
+
+def normalise_globals(text: str) -> list[str]:
+    return [LOCATION.sub(r"\1<location>\2", ln) for ln in text.splitlines()
+            if ln.strip() and ln != "--" and not RESTRICT.match(ln)]
 
 
 def _run(pg: LocalPostgres, *args: str) -> str:
@@ -147,15 +235,16 @@ def _run(pg: LocalPostgres, *args: str) -> str:
     return res.stdout
 
 
-def dump_node(pg: LocalPostgres, dbname: str) -> str:
-    """The normalised dump of one node: its database, then its globals."""
+def dump_node(pg: LocalPostgres, dbname: str) -> NodeDump:
+    """The normalised dump of one node: its database and its globals."""
     common = ["-h", str(pg.sockdir), "-p", str(pg.port), "-U", "postgres"]
     db = _run(pg, "pg_dump", *common, "--create", "--exclude-schema=mtm",
               "--lock-wait-timeout=10s", "-d", dbname)
     glob = _run(pg, "pg_dumpall", *common, "--globals-only", "--no-role-passwords",
                 "-l", dbname)
-    return (normalise_dump(db) + "-- (globals: pg_dumpall --globals-only)\n"
-            + normalise_globals(glob))
+    entries = normalise_dump(db)
+    entries["-- (globals: pg_dumpall --globals-only)"] = normalise_globals(glob)
+    return NodeDump(entries)
 
 
 def prepared_xacts(pg: LocalPostgres) -> list[str]:
@@ -163,19 +252,6 @@ def prepared_xacts(pg: LocalPostgres) -> list[str]:
     out = pg.psql("SELECT gid || ' (' || database || ')' FROM pg_prepared_xacts ORDER BY 1",
                   check=False)
     return [ln for ln in out.splitlines() if ln]
-
-
-def differing_lines(base: str, other: str) -> list[str]:
-    """The lines only one of the two has, each prefixed with - (only in
-    base) or + (only in other), in diff order."""
-    return [ln for ln in difflib.unified_diff(base.splitlines(), other.splitlines(),
-                                              lineterm="", n=0)
-            if ln[:1] in "+-" and not ln.startswith(("---", "+++"))]
-
-
-def unified(base: str, other: str, a: str, b: str, n: int = 3) -> str:
-    return "\n".join(difflib.unified_diff(base.splitlines(), other.splitlines(), a, b,
-                                          lineterm="", n=n)) + "\n"
 
 
 def write(path: Path, text: str) -> None:

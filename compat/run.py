@@ -313,7 +313,7 @@ class Runner:
                 dumps.write(p, dumps.unified(ds[first], ds[i], f"node{first}", f"node{i}"))
             if new:
                 for i in sorted(ds):
-                    dumps.write(ddir / f"{name}.node{i}.dump.sql", ds[i])
+                    dumps.write(ddir / f"{name}.node{i}.dump.sql", ds[i].text())
         if new:
             div["new_lines"] = {str(i): v[:REPORT_LINES * 2] for i, v in new.items()}
             div["new_line_count"] = sum(len(v) for v in new.values())

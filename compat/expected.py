@@ -48,12 +48,17 @@ HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 # - "apply-failure": a peer could not apply the transaction, so the
 #   cluster aborted it (a statement that does not replay on the peers);
 # - "refusal": an error of the cluster's own (docs/cluster.md "Refused
-#   with 0A000", the commit and DDL guards), or PostgreSQL's own about a
-#   replica identity, which the cluster's FOR ALL TABLES publication needs;
+#   with 0A000", the commit and DDL guards), one about the cluster's
+#   machinery (schema mtm, its triggers), PostgreSQL's own about a replica
+#   identity (which the cluster's FOR ALL TABLES publication needs), or one
+#   PostgreSQL raises because the cluster ran the statement in a
+#   transaction of its own ("cannot run inside a transaction block",
+#   "cannot PREPARE a transaction ...");
 # - "other": anything else (different results, messages, notices).
 APPLY_FAILURE = re.compile(r"^ERROR:  .*could not apply it")
 REFUSAL = re.compile(r"^(ERROR|FATAL|WARNING):  .*(mmproxy|replicat|cluster|cannot also "
-                     r"|replica identity)")
+                     r"|replica identity|schema mtm|\bmtm\.|mtm_|cannot run inside a "
+                     r"transaction block|cannot PREPARE a transaction)")
 
 
 # What varies from one run of the cluster to the next inside a block, so

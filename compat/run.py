@@ -382,6 +382,8 @@ def totals(results: list[dict]) -> dict:
                 1 for r in results if r.get("divergence", {}).get("nodes_differing")),
             "blocks_refusal": sum(1 for r in results for b in r["blocks"]
                                   if b["kind"] == "refusal"),
+            "blocks_apply_failure": sum(1 for r in results for b in r["blocks"]
+                                        if b["kind"] == "apply-failure"),
             "blocks_other": sum(1 for r in results for b in r["blocks"]
                                 if b["kind"] == "other")}
 

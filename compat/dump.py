@@ -247,10 +247,11 @@ def dump_node(pg: LocalPostgres, dbname: str) -> NodeDump:
     return NodeDump(entries)
 
 
-def prepared_xacts(pg: LocalPostgres) -> list[str]:
-    """Prepared transactions left on a node (any database)."""
-    out = pg.psql("SELECT gid || ' (' || database || ')' FROM pg_prepared_xacts ORDER BY 1",
-                  check=False)
+def prepared_xacts(pg: LocalPostgres, with_database: bool = True) -> list[str]:
+    """Prepared transactions left on a server (any database), as 'gid (db)'
+    or the gid alone."""
+    col = "gid || ' (' || database || ')'" if with_database else "gid"
+    out = pg.psql(f"SELECT {col} FROM pg_prepared_xacts ORDER BY 1", check=False)
     return [ln for ln in out.splitlines() if ln]
 
 

@@ -60,6 +60,11 @@ def render(rep: dict) -> str:
         out.append(f"\n### {r['file']}: {r['category']}\n\n")
         if r["errors"]:
             out.append("Errors: " + "; ".join(_clip(e) for e in r["errors"]) + "\n\n")
+        for note in r.get("interventions", []):
+            out.append(f"- note: {_clip(note)}\n")
+        if r.get("divergence_prepared"):
+            out.append(f"- **divergence**: the nodes hold different prepared transactions: "
+                       f"{r['divergence_prepared']}\n")
         for st in r.get("stepwise", []):
             out.append(f"- **divergence** after lines {st['lines']}: "
                        f"`{_clip(' '.join(st['statement']))}`\n")

@@ -50,7 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FILE_TIMEOUT_S = 300
 SETTLE_TIMEOUT_S = 20
 SETTLE_STABLE_S = 5        # a difference unchanged this long is not replication lag
+WATCH_INTERVAL_S = 5
+STUCK_S = 30               # a session blocked this long by a prepared transaction is stuck
 REPORT_LINES = 12          # first differing lines kept per block / node in the report
+CLIENT_GID = re.compile(r"^MTM-\d+-\d+-\d+:(.*)$", re.DOTALL)
 CATEGORIES = ("DIVERGENCE", "ERROR", "NEW", "ACCEPTED", "IDENTICAL")
 
 
@@ -60,29 +63,37 @@ def log(msg: str) -> None:
 
 # -- one psql run --------------------------------------------------------------------
 
-def run_psql(sql: Path, env: dict[str, str], out: Path, timeout_s: float) -> tuple[float, bool]:
+def run_psql(sql: Path, env: dict[str, str], out: Path, timeout_s: float,
+             watch=None) -> tuple[float, bool]:
     """``psql ... < sql > out 2>&1``; returns (seconds, timed_out). psql runs
     in a process group of its own so that a time limit kills it (and any
-    ``\\!`` child) by its pid."""
+    ``\\!`` child) by its pid. ``watch()`` runs every WATCH_INTERVAL_S while
+    psql runs."""
     cmd = [os.path.join(_bindir(), "psql"), "-X", "-a", "-q", "-d", REGRESS_DB,
            "-v", "HIDE_TABLEAM=on", "-v", "HIDE_TOAST_COMPRESSION=on"]
     t0 = time.monotonic()
+    deadline = t0 + timeout_s
     with open(sql, "rb") as fin, open(out, "wb") as fout:
         proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        try:
-            proc.wait(timeout_s)
-            return time.monotonic() - t0, False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        while True:
+            try:
+                proc.wait(max(0.01, min(WATCH_INTERVAL_S, deadline - time.monotonic())))
+                return time.monotonic() - t0, False
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    break
+                if watch is not None:
+                    watch()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     with open(out, "ab") as fout:
         fout.write(f"\n*** compat: psql killed at the time limit ({timeout_s:g} s)\n".encode())
     return time.monotonic() - t0, True
 
 
 def run_psql_stepwise(sql: Path, env: dict[str, str], out: Path, timeout_s: float,
-                      markers: Path, check) -> tuple[float, bool]:
+                      markers: Path, check, watch=None) -> tuple[float, bool]:
     """The same psql run, fed unit by unit (compat.statements): after each
     unit, a ``\\! touch`` marker tells that psql has run it, and
     ``check(unit)`` runs while psql waits for more input. The marker lines
@@ -105,11 +116,15 @@ def run_psql_stepwise(sql: Path, env: dict[str, str], out: Path, timeout_s: floa
                 marker_lines.add(line)
                 proc.stdin.write((unit.text + line + "\n").encode(errors="surrogateescape"))
                 proc.stdin.flush()
+                next_watch = time.monotonic() + WATCH_INTERVAL_S
                 while not mark.exists():
                     if proc.poll() is not None:
                         break
                     if time.monotonic() > deadline:
                         raise subprocess.TimeoutExpired(cmd, timeout_s)
+                    if watch is not None and time.monotonic() > next_watch:
+                        watch()
+                        next_watch = time.monotonic() + WATCH_INTERVAL_S
                     time.sleep(0.005)
                 if proc.poll() is not None:
                     break
@@ -260,9 +275,11 @@ class Runner:
                 res["stepwise"] = steps
                 secs, timed_out = run_psql_stepwise(
                     sql, env, raw, self.timeout_s, self.out / "markers" / name,
-                    lambda unit: self._check_unit(name, unit, steps))
+                    lambda unit: self._check_unit(name, unit, steps),
+                    lambda: self._unstick(name, side, res))
             else:
-                secs, timed_out = run_psql(sql, env, raw, self.timeout_s)
+                secs, timed_out = run_psql(sql, env, raw, self.timeout_s,
+                                           lambda: self._unstick(name, side, res))
             res[f"{side}_s"] = round(secs, 2)
             if timed_out:
                 res["errors"].append(f"{side}: psql killed at the time limit "
@@ -295,6 +312,7 @@ class Runner:
         dead = t.proxies_alive()
         if dead:
             res["errors"].append(f"proxy of node(s) {dead} exited")
+        self._prepared_by_file(res)
         # the nodes' state
         ds, prepared, waited, errors = settle_and_dump(t, self.settle_s, self.tracker.known)
         res["settle_s"] = round(waited, 1)
@@ -317,7 +335,10 @@ class Runner:
         if new:
             div["new_lines"] = {str(i): v[:REPORT_LINES * 2] for i, v in new.items()}
             div["new_line_count"] = sum(len(v) for v in new.values())
-        left = {str(i): [g for g in v if (i, g) not in self.known_prepared]
+        # the protocol's own transactions left in doubt (a client's were
+        # rolled back above)
+        left = {str(i): [g for g in v if (i, g) not in self.known_prepared
+                         and not CLIENT_GID.match(g.split(" ")[0])]
                 for i, v in prepared.items()}
         left = {i: v for i, v in left.items() if v}
         self.known_prepared = {(i, g) for i, v in prepared.items() for g in v}
@@ -326,6 +347,82 @@ class Runner:
         res["divergence"] = div
         res["category"] = self._category(res)
         return res
+
+    # -- prepared transactions a file leaves ------------------------------------------
+
+    def _client_prepared(self, side: str, node: int | None = None) -> list[tuple[str, str]]:
+        """(gid, name the client gave) of prepared transactions on a side.
+        On the cluster a client's 'x' is prepared as MTM-<node>-<gen>-<seq>:x
+        (docs/cluster.md); the protocol's own gids have no ':'."""
+        t = self.targets
+        pg = t.standalone if side == "standalone" else t.node_pg(node or t.node_ids()[0])
+        out = []
+        for gid in dumps.prepared_xacts(pg, with_database=False):
+            if side == "standalone":
+                out.append((gid, gid))
+            else:
+                m = CLIENT_GID.match(gid)
+                if m:
+                    out.append((gid, m[1]))
+        return out
+
+    def _rollback_prepared(self, side: str, names: list[str]) -> None:
+        """ROLLBACK PREPARED each, on the standalone directly, on the
+        cluster through node 1 (the proxy finishes it everywhere)."""
+        t = self.targets
+        for name in names:
+            q = "ROLLBACK PREPARED " + "'" + name.replace("'", "''") + "'"
+            if side == "standalone":
+                t.standalone.psql(q, dbname=REGRESS_DB, check=False)
+            else:
+                subprocess.run([os.path.join(_bindir(), "psql"), "-X", "-q", "-h", "127.0.0.1",
+                                "-p", str(t.node_port(1)), "-U", "postgres", "-d", REGRESS_DB,
+                                "-c", q], capture_output=True, timeout=120)
+
+    def _unstick(self, name: str, side: str, res: dict) -> None:
+        """While psql runs: a file's session blocked for STUCK_S by a
+        prepared transaction (pg_blocking_pids reports those as pid 0)
+        would wait for ever - a transaction the file prepared and meant to
+        fail, as it does on the standalone, and that the cluster let
+        through. Roll the file's prepared transactions back (noted in the
+        report) so that the file, and the run, go on."""
+        t = self.targets
+        pg = t.standalone if side == "standalone" else t.node_pg(t.node_ids()[0])
+        out = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                      f"'pg_regress/{name}' AND wait_event_type = 'Lock' "
+                      f"AND now() - query_start > interval '{STUCK_S} s' "
+                      "AND 0 = ANY(pg_blocking_pids(pid))", check=False)
+        if out.strip() in ("", "0"):
+            return
+        left = self._client_prepared(side)
+        if not left:
+            return
+        self._rollback_prepared(side, [n for _, n in left])
+        note = (f"{side}: the file's session waited over {STUCK_S} s for a lock held by a "
+                f"prepared transaction; rolled back {', '.join(n for _, n in left)}")
+        res.setdefault("interventions", []).append(note)
+        log(f"    {name}: {note}")
+
+    def _prepared_by_file(self, res: dict) -> None:
+        """After both psql runs: client prepared transactions the file left.
+        Every node must hold the same ones (else DIVERGENCE); they are
+        compared with the standalone's (a difference is noted), then rolled
+        back on both sides so that later files are not blocked by them."""
+        t = self.targets
+        cluster = {i: sorted(n for _, n in self._client_prepared("cluster", i))
+                   for i in t.node_ids()}
+        standalone = sorted(n for _, n in self._client_prepared("standalone"))
+        if any(v != cluster[t.node_ids()[0]] for v in cluster.values()):
+            res.setdefault("divergence_prepared", {}).update(
+                {str(i): v for i, v in cluster.items()})
+        first = cluster[t.node_ids()[0]]
+        if first or standalone:
+            res["prepared_by_file"] = {"standalone": standalone, "cluster": first}
+            self._rollback_prepared("standalone", standalone)
+            self._rollback_prepared("cluster", first)
+            res.setdefault("interventions", []).append(
+                f"rolled back what the file left prepared: standalone {standalone}, "
+                f"cluster {first}")
 
     def _in_transaction(self, name: str) -> bool:
         """Is the file's session (on node 1's PostgreSQL) inside a
@@ -358,6 +455,8 @@ class Runner:
     @staticmethod
     def _category(res: dict) -> str:
         div = res.get("divergence", {})
+        if res.get("divergence_prepared"):
+            return "DIVERGENCE"
         if div.get("new_lines") or div.get("prepared_left") or any(
                 st["new_lines"] or st["prepared_left"] for st in res.get("stepwise", [])):
             return "DIVERGENCE"

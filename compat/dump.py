@@ -4,9 +4,9 @@ normalised only for what differs between nodes by design.
 What is dumped (as the postgres superuser, over the server's unix socket,
 never through a proxy):
 
-- ``pg_dump --create --exclude-schema=mtm`` of the ``regression``
-  database, plain format, with owners and privileges (ownership must
-  match), large objects included;
+- ``pg_dump --create --exclude-schema=mtm --no-unlogged-table-data`` of
+  the ``regression`` database, plain format, with owners and privileges
+  (ownership must match), large objects included;
 - ``pg_dumpall --globals-only --no-role-passwords``: roles, memberships,
   role settings and tablespaces, which regression files create and which
   live outside any database.
@@ -15,6 +15,10 @@ What is normalised, and why (nothing else is):
 
 - the ``mtm`` schema (left out by pg_dump): each node's own protocol
   state (its node id, precommit records, applied positions);
+- the rows of unlogged tables (left out by pg_dump; their definitions are
+  compared): writes to them stay on their node by design (docs/cluster.md:
+  a transaction that wrote only local, unlogged or temporary tables
+  commits on its node; an unlogged table is in no publication);
 - the publication ``mtm_pub``, the event triggers ``mtm_*`` and the
   triggers ``mtm_commit_guard``: made by init-cluster and the cluster's
   event triggers, the machinery of replication, not user objects;
@@ -239,7 +243,7 @@ def dump_node(pg: LocalPostgres, dbname: str) -> NodeDump:
     """The normalised dump of one node: its database and its globals."""
     common = ["-h", str(pg.sockdir), "-p", str(pg.port), "-U", "postgres"]
     db = _run(pg, "pg_dump", *common, "--create", "--exclude-schema=mtm",
-              "--lock-wait-timeout=10s", "-d", dbname)
+              "--no-unlogged-table-data", "--lock-wait-timeout=10s", "-d", dbname)
     glob = _run(pg, "pg_dumpall", *common, "--globals-only", "--no-role-passwords",
                 "-l", dbname)
     entries = normalise_dump(db)

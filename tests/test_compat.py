@@ -8,8 +8,8 @@ a subset that fits the suite's time budget.
   them; no file may leave the nodes different, and every output
   difference must be one compat/expected.toml explains.
 - ``test_divergence_is_caught``: the same nodes, made to differ behind
-  the cluster's back (a table and a row made on node 3's PostgreSQL
-  directly, the guards off): the check must report it, with the table.
+  the cluster's back (a table and a comment made on node 3's PostgreSQL
+  directly, the guards off): the check must report both.
 - the rest: the dump normaliser and the statement splitter, without
   servers.
 
@@ -84,13 +84,14 @@ def test_subset(runner):
 def test_divergence_is_caught(runner):
     t = runner.targets
     node3 = t.node_pg(3)
-    # A table and a row on node 3 only. Replica mode switches the DDL guard
-    # off (it is not ENABLE ALWAYS); an unlogged table is in no
-    # publication, so nothing of it reaches the peers' streams either.
+    # A table, and a comment on an existing one, on node 3 only. Replica
+    # mode switches the DDL guard off (it is not ENABLE ALWAYS); catalog
+    # changes are not decoded, and an unlogged table is in no publication,
+    # so nothing of it reaches the peers' streams.
     with psycopg.connect(node3.dsn(dbname="regression")) as c:
         c.execute("SET session_replication_role = replica")
         c.execute("CREATE UNLOGGED TABLE compat_only_on_3 (id int PRIMARY KEY)")
-        c.execute("INSERT INTO compat_only_on_3 VALUES (7)")
+        c.execute("COMMENT ON TABLE tenk1 IS 'only on node 3'")
     tracker = DivergenceTracker()
     tracker.update({})
     ds, prepared, waited, errors = settle_and_dump(t, timeout_s=10)
@@ -100,11 +101,12 @@ def test_divergence_is_caught(runner):
     assert set(new) == {3}, new
     text = "\n".join(new[3])
     assert "+[TABLE public.compat_only_on_3] (the whole entry)" in new[3], text
-    assert "+[TABLE DATA public.compat_only_on_3] 7" in new[3], text
+    assert "+[COMMENT public.TABLE tenk1] (the whole entry)" in new[3], text
     assert waited < 15       # a lasting difference is not waited on for the full settle time
     with psycopg.connect(node3.dsn(dbname="regression")) as c:
         c.execute("SET session_replication_role = replica")
         c.execute("DROP TABLE compat_only_on_3")
+        c.execute("COMMENT ON TABLE tenk1 IS NULL")
 
 
 # -- without servers ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -41,6 +42,73 @@ def _reclass(rep: dict) -> None:
     rep["totals"].update(blocks_refusal=kinds.count("refusal"),
                          blocks_apply_failure=kinds.count("apply-failure"),
                          blocks_other=kinds.count("other"))
+
+
+# Errors that only follow from an earlier difference in the same file (an
+# object a refused statement would have made is missing, a transaction
+# block an error aborted): not causes of their own.
+CONSEQUENCE = re.compile(r"(does not exist|current transaction is aborted|already exists"
+                         r"|violates foreign key constraint|no partition of relation"
+                         r"|is not a partition of|cannot be dropped because some objects"
+                         r"|other objects depend on it|contains null values|is violated by some"
+                         r"|violates check constraint|violates unique constraint"
+                         r"|is not a member of role|not found in parent|is missing column"
+                         # data lines of a COPY FROM stdin that failed, read as SQL
+                         r"|syntax error at or near)")
+
+
+def statement_before(lines: list[str], line_no: int, max_lines: int = 8) -> str:
+    """The statement psql echoed just before line ``line_no`` (1-based) of
+    an output: the echoed lines back to the previous statement's end."""
+    out: list[str] = []
+    i = line_no - 2
+    while i >= 0 and len(out) < max_lines:
+        ln = lines[i]
+        if out and (ln.rstrip().endswith(";") or not ln.strip()
+                    or ln.startswith(("ERROR:", "(", "NOTICE:", "WARNING:", "HINT:", "DETAIL:",
+                                      "LINE ", "CONTEXT:", "QUERY:"))):
+            break
+        if not out and ln.startswith(("ERROR:", "HINT:", "DETAIL:", "NOTICE:", "(", "LINE ")):
+            i -= 1
+            continue
+        out.insert(0, ln)
+        i -= 1
+    while out and out[0].lstrip().startswith("--"):
+        out.pop(0)
+    return " ".join(x.strip() for x in out)
+
+
+def causes(rep: dict, out_dir: Path | None) -> str:
+    """Every cause that is not a consequence, across files, with the
+    statement the cluster printed it for (from the cluster's output)."""
+    by_sig: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()
+    for r in rep["results"]:
+        lines = None
+        if out_dir is not None:
+            p = out_dir / "outputs" / f"{r['file']}.cluster.out"
+            if p.exists():
+                lines = p.read_text(errors="replace").split("\n")
+        seen = set()
+        for b in r["blocks"]:
+            sig = signature(b["standalone"], b["cluster"])
+            if (not sig.startswith("cluster: ") or sig in seen
+                    or (CONSEQUENCE.search(sig) and "could not apply it" not in sig)):
+                continue
+            if b["status"] == "accepted" and b["reason"].startswith("rule "):
+                continue
+            seen.add(sig)
+            stmt = statement_before(lines, b["cluster_line"]) if lines else ""
+            by_sig.setdefault(re.sub(r"\d+", "N", sig), []).append((r["file"], stmt))
+    out = ["## Causes across files\n\n",
+           "Each error the cluster printed where the standalone did not, except those that "
+           "only follow from an earlier difference in the same file (a missing object, an "
+           "aborted transaction block), with the first statement it was printed for in "
+           "each file.\n\n| cause | files | first statement, per file |\n|---|---:|---|\n"]
+    for sig, hits in sorted(by_sig.items(), key=lambda kv: -len(kv[1])):
+        stmts = "<br>".join(f"{f}: `{_clip(st)[:160]}`" for f, st in hits[:6])
+        more = f"<br>(and {len(hits) - 6} more)" if len(hits) > 6 else ""
+        out.append(f"| {_clip(sig.removeprefix('cluster: '))} | {len(hits)} | {stmts}{more} |\n")
+    return "".join(out) + "\n"
 
 
 def render(rep: dict) -> str:
@@ -111,6 +179,7 @@ def main(argv=None) -> int:
     rep = json.loads(args.report.read_text())
     if args.summary:
         sys.stdout.write(args.summary.read_text().rstrip("\n") + "\n\n")
+    sys.stdout.write(causes(rep, args.report.parent))
     sys.stdout.write(render(rep))
     return 0
 

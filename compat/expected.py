@@ -19,6 +19,9 @@ A block is accepted when
 
 Entries whose reason still starts with ``TODO`` accept nothing: the
 blocks they hold count as unexplained until someone writes the reason.
+A reason starting with ``DEFECT`` names a known defect (with its issue):
+such blocks are explained, but counted apart from the by-design ones, so
+that the figures show what remains to fix.
 ``--accept`` (compat.run) records every new block of the files it ran,
 grouped in one new entry per file with reason ``TODO: explain``, and
 keeps existing entries and their reasons; with ``--prune`` it also drops
@@ -41,6 +44,7 @@ from .schedule import SCHEDULE
 
 EXPECTED_FILE = Path(__file__).resolve().parent / "expected.toml"
 TODO = "TODO: explain"
+DEFECT = "DEFECT"           # a reason starting so lists a known defect, not a by-design difference
 EXCERPT_LINES = 8           # lines of each side kept in the file for a reader
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 # How a block is classed in reports (FINDINGS.md, report.json): where the
@@ -149,6 +153,10 @@ class Entry:
     def explained(self) -> bool:
         return bool(self.reason.strip()) and not self.reason.startswith("TODO")
 
+    @property
+    def defect(self) -> bool:
+        return self.reason.startswith(DEFECT)
+
 
 @dataclass
 class Expected:
@@ -164,8 +172,9 @@ class Expected:
         return None
 
     def judge(self, file: str, b: Block) -> tuple[str, str]:
-        """(status, reason): status is 'accepted' or 'new' ('new' also for a
-        block listed under a reason still TODO)."""
+        """(status, reason): status is 'accepted' (by design), 'defect' (a
+        known defect, listed with a reason starting with DEFECT) or 'new'
+        (also for a block listed under a reason still TODO)."""
         for r in self.rules:
             if r.covers(b):
                 return "accepted", f"rule {r.name}: {r.reason}"
@@ -174,7 +183,7 @@ class Expected:
             return "new", ""
         if not e.explained:
             return "new", e.reason
-        return "accepted", e.reason
+        return ("defect" if e.defect else "accepted"), e.reason
 
     # -- updating (--accept) ---------------------------------------------------
 

@@ -117,7 +117,8 @@ def render(rep: dict) -> str:
     out = [f"## Per file (run of {rep['started'][:10]}, mmproxy {rep['mmproxy']}, "
            f"{rep['regression_sql']})\n\n",
            f"{tot['files_run']} files: {tot['identical']} identical, "
-           f"{tot['accepted_differences']} with accepted differences, "
+           f"{tot['accepted_differences']} with accepted (by-design) differences, "
+           f"{tot.get('known_defects', 0)} with known defects only, "
            f"{tot['unexplained_differences']} with unexplained differences, "
            f"{tot['divergences']} divergences, {tot['errors']} errors; "
            f"{rep['wall_s'] / 60:.0f} min. Output blocks: {tot['blocks_refusal']} refusal, "
@@ -162,7 +163,7 @@ def render(rep: dict) -> str:
             first = ([f"-{ln}" for ln in b["standalone"][:3]]
                      + [f"+{ln}" for ln in b["cluster"][:3]])
             accepted = ""
-            if status == ["accepted"]:
+            if set(status) <= {"accepted", "defect"}:
                 reasons = sorted({x["reason"] for x in blocks})
                 accepted = " (accepted: " + _clip("; ".join(reasons))[:160] + ")"
             out.append(f"| {_clip(sig)}{accepted} | {kinds} | {len(blocks)} | "

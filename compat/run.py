@@ -17,10 +17,12 @@ Per file, in this order:
    transactions left on any node are reported too.
 
 A file's category, worst first: DIVERGENCE (a node's dump differs from
-node 1's in a way it did not after the previous file, or a prepared
-transaction is left), ERROR (the check could not be made: a proxy exited,
-a dump failed), NEW (an output block nobody explained), ACCEPTED (every
-block explained), IDENTICAL. The exit status is 1 when any file is
+node 1's in a way it did not after the previous file, the nodes hold
+different prepared transactions, or one of the protocol's is left in
+doubt), ERROR (the check could not be made: a proxy exited, a dump
+failed, the time limit), NEW (an output block nobody explained), DEFECT
+(every block explained, some as a known defect), ACCEPTED (every block
+explained as by design), IDENTICAL. The exit status is 1 when any file is
 DIVERGENCE, ERROR or NEW, 2 when the run could not start.
 
 Every process started here is stopped at the end (compat.targets), also on
@@ -54,7 +56,7 @@ WATCH_INTERVAL_S = 5
 STUCK_S = 30               # a session blocked this long by a prepared transaction is stuck
 REPORT_LINES = 12          # first differing lines kept per block / node in the report
 CLIENT_GID = re.compile(r"^MTM-\d+-\d+-\d+:(.*)$", re.DOTALL)
-CATEGORIES = ("DIVERGENCE", "ERROR", "NEW", "ACCEPTED", "IDENTICAL")
+CATEGORIES = ("DIVERGENCE", "ERROR", "NEW", "DEFECT", "ACCEPTED", "IDENTICAL")
 
 
 def log(msg: str) -> None:
@@ -465,6 +467,8 @@ class Runner:
         statuses = {b["status"] for b in res["blocks"]}
         if "new" in statuses:
             return "NEW"
+        if "defect" in statuses:
+            return "DEFECT"
         if statuses:
             return "ACCEPTED"
         return "IDENTICAL"
@@ -475,7 +479,8 @@ def totals(results: list[dict]) -> dict:
     for r in results:
         c[r["category"]] += 1
     return {"files_run": len(results), "identical": c["IDENTICAL"],
-            "accepted_differences": c["ACCEPTED"], "unexplained_differences": c["NEW"],
+            "accepted_differences": c["ACCEPTED"], "known_defects": c["DEFECT"],
+            "unexplained_differences": c["NEW"],
             "divergences": c["DIVERGENCE"], "errors": c["ERROR"],
             "files_with_carried_divergence": sum(
                 1 for r in results if r.get("divergence", {}).get("nodes_differing")),
@@ -617,7 +622,8 @@ def main(argv=None) -> int:
             f"with reason '{expected_mod.TODO}'")
     tot = rep["totals"]
     log(f"files {tot['files_run']}: identical {tot['identical']}, accepted differences "
-        f"{tot['accepted_differences']}, unexplained differences "
+        f"{tot['accepted_differences']}, known defects {tot['known_defects']}, "
+        f"unexplained differences "
         f"{tot['unexplained_differences']}, divergences {tot['divergences']}, errors "
         f"{tot['errors']}; {rep['wall_s']:.0f} s; report {out / 'report.json'}")
     if interrupted or report.get("fatal"):

@@ -45,7 +45,8 @@ from .schedule import SCHEDULE
 EXPECTED_FILE = Path(__file__).resolve().parent / "expected.toml"
 TODO = "TODO: explain"
 DEFECT = "DEFECT"           # a reason starting so lists a known defect, not a by-design difference
-EXCERPT_LINES = 8           # lines of each side kept in the file for a reader
+EXCERPT_LINES = 3           # lines of each side kept in the file for a reader ...
+EXCERPT_WIDTH = 200         # ... each cut to this many characters
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 # How a block is classed in reports (FINDINGS.md, report.json): where the
 # cluster printed an error the standalone did not,
@@ -220,10 +221,28 @@ class Expected:
                 for x in e.blocks if x["fingerprint"] not in fps]
 
 
+ERROR_LINE = re.compile(r"^(ERROR|WARNING|FATAL):  ")
+
+
+def signature(minus: list[str], plus: list[str]) -> str:
+    """A block's cause, for grouping: the first error the cluster printed
+    that the standalone did not (names in quotes masked), else the first
+    error only the standalone printed, else "results differ"."""
+    only_c = [ln for ln in plus if ln not in set(minus)]
+    only_s = [ln for ln in minus if ln not in set(plus)]
+    for prefix, lines in (("cluster: ", only_c), ("standalone: ", only_s)):
+        for ln in lines:
+            if ERROR_LINE.match(ln):
+                return prefix + re.sub(r'"[^"]*"', '"…"', ln)[:160]
+    return "results differ"
+
+
 def block_record(b: Block) -> dict:
-    return {"fingerprint": b.fingerprint, "kind": b.kind,
+    def clip(lines):
+        return [ln[:EXCERPT_WIDTH] for ln in lines[:EXCERPT_LINES]]
+    return {"fingerprint": b.fingerprint, "kind": b.kind, "cause": signature(b.minus, b.plus),
             "lines": f"-{len(b.minus)} +{len(b.plus)}",
-            "standalone": b.minus[:EXCERPT_LINES], "cluster": b.plus[:EXCERPT_LINES]}
+            "standalone": clip(b.minus), "cluster": clip(b.plus)}
 
 
 def load(path: Path = EXPECTED_FILE) -> Expected:
@@ -299,6 +318,8 @@ def dump_toml(exp: Expected) -> str:
             out.append(f"fingerprint = {_str(b['fingerprint'])}\n")
             if "kind" in b:
                 out.append(f"kind = {_str(b['kind'])}\n")
+            if "cause" in b:
+                out.append(f"cause = {_str(b['cause'])}\n")
             if "lines" in b:
                 out.append(f"lines = {_str(b['lines'])}\n")
             out.append(f"standalone = {_array(b.get('standalone', []))}\n")

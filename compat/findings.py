@@ -20,8 +20,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from .expected import Block
-from .triage import signature
+from .expected import Block, signature
 
 FIRST_LINES = 6
 WIDTH = 200
@@ -90,7 +89,7 @@ def causes(rep: dict, out_dir: Path | None) -> str:
                 lines = p.read_text(errors="replace").split("\n")
         seen = set()
         for b in r["blocks"]:
-            sig = signature(b["standalone"], b["cluster"])
+            sig = (b.get("cause") or signature(b["standalone"], b["cluster"]))
             if (not sig.startswith("cluster: ") or sig in seen
                     or (CONSEQUENCE.search(sig) and "could not apply it" not in sig)):
                 continue
@@ -152,7 +151,7 @@ def render(rep: dict) -> str:
                        f"(carried from an earlier file)\n")
         causes: OrderedDict[str, list[dict]] = OrderedDict()
         for b in r["blocks"]:
-            causes.setdefault(signature(b["standalone"], b["cluster"]), []).append(b)
+            causes.setdefault((b.get("cause") or signature(b["standalone"], b["cluster"])), []).append(b)
         if causes:
             out.append("\n| cause | class | blocks | first at line | first differing lines |\n"
                        "|---|---|---:|---:|---|\n")

@@ -297,6 +297,7 @@ class Runner:
         for b in found:
             status, reason = self.exp.judge(name, b)
             judged.append({"fingerprint": b.fingerprint, "status": status, "kind": b.kind,
+                           "cause": expected_mod.signature(b.minus, b.plus),
                            "reason": reason, "standalone_line": b.standalone_line,
                            "cluster_line": b.cluster_line,
                            "standalone": b.minus[:REPORT_LINES],

@@ -26,19 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import expected as expected_mod
-
-ERROR = re.compile(r"^(ERROR|WARNING|FATAL):  ")
-
-
-def signature(minus: list[str], plus: list[str]) -> str:
-    only_c = [ln for ln in plus if ln not in set(minus)]
-    only_s = [ln for ln in minus if ln not in set(plus)]
-    for prefix, lines in (("cluster: ", only_c), ("standalone: ", only_s)):
-        for ln in lines:
-            if ERROR.match(ln):
-                return prefix + re.sub(r'"[^"]*"', '"…"', ln)[:160]
-    return "results differ"
-
+from .expected import signature
 
 def show(report: Path) -> None:
     rep = json.loads(report.read_text())
@@ -59,7 +47,7 @@ def show(report: Path) -> None:
         groups = Counter()
         status = defaultdict(set)
         for b in r["blocks"]:
-            sig = signature(b["standalone"], b["cluster"])
+            sig = (b.get("cause") or signature(b["standalone"], b["cluster"]))
             groups[sig] += 1
             status[sig].add(b["status"])
         for sig, n in groups.most_common():
@@ -75,7 +63,8 @@ def split(path: Path, reasons: list[tuple[re.Pattern, str]]) -> None:
             continue
         by_sig: dict[str, list[dict]] = defaultdict(list)
         for b in e.blocks:
-            by_sig[signature(b.get("standalone", []), b.get("cluster", []))].append(b)
+            by_sig[b.get("cause") or signature(b.get("standalone", []),
+                                               b.get("cluster", []))].append(b)
         for sig, blocks in by_sig.items():
             reason = e.reason if e.reason != expected_mod.TODO else f"{expected_mod.TODO} - {sig}"
             for rx, text in reasons:

@@ -55,6 +55,7 @@ HEADER = re.compile(r"^-- (Data for )?Name: (?P<name>.*); Type: (?P<type>[A-Z ]+
 SETVAL = re.compile(r"^(SELECT pg_catalog\.setval\('.*', )-?\d+, (true|false)\);$")
 START_WITH = re.compile(r"\bSTART WITH -?\d+\b")
 CLUSTER_STEP = 16           # replication/cluster.py MAX_NODES: sequences step by it
+SET_LINE = re.compile(r"^SET [a-z_]+ = .*;$")
 RESTRICT = re.compile(r"^\\(un)?restrict \S+$")
 LOCATION = re.compile(r"( LOCATION ')[^']*(';)$")
 DUMP_TIMEOUT_S = 120
@@ -92,7 +93,15 @@ def parse_entries(text: str) -> list[Entry]:
     for line in text.splitlines():
         m = HEADER.match(line)
         if m:
-            entries.append(Entry(line, m["type"], m["name"], []))
+            # pg_dump writes the SETs an entry needs (default_tablespace,
+            # default_table_access_method, ...) before its header: they
+            # belong to the entry that follows, not to the one before
+            prev = entries[-1].lines
+            k = len(prev)
+            while k > 0 and SET_LINE.match(prev[k - 1]):
+                k -= 1
+            carried, prev[k:] = prev[k:], []
+            entries.append(Entry(line, m["type"], m["name"], carried))
         elif line.strip() and line != "--" and not RESTRICT.match(line):
             entries[-1].lines.append(line)
     return entries

@@ -9,7 +9,8 @@ signature: the first error the cluster printed instead of the
 standalone's), each cause with its class (divergence / refusal /
 apply-failure / other), how many blocks, the standalone line where the
 first one starts and its first differing lines. ``--summary`` puts a
-hand-written analysis on top.
+hand-written analysis on top (given compat/FINDINGS.md itself, the part
+above the "generated" marker is kept).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from .expected import Block, signature
 
 FIRST_LINES = 6
+MARKER = ("<!-- Everything below is generated: python -m compat.findings REPORT.json "
+          "--summary compat/FINDINGS.md -->")
 WIDTH = 200
 
 
@@ -178,7 +181,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rep = json.loads(args.report.read_text())
     if args.summary:
-        sys.stdout.write(args.summary.read_text().rstrip("\n") + "\n\n")
+        # a FINDINGS.md given as its own summary keeps what is above the marker
+        text = args.summary.read_text().split(MARKER)[0]
+        sys.stdout.write(text.rstrip("\n") + "\n\n")
+    sys.stdout.write(MARKER + "\n\n")
     sys.stdout.write(causes(rep, args.report.parent))
     sys.stdout.write(render(rep))
     return 0

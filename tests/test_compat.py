@@ -206,6 +206,25 @@ def test_dump_normalised_for_what_differs_by_design_only():
         "-[TABLE DATA public.t] 2", "+[TABLE DATA public.t] 4"]
 
 
+def test_dump_sets_belong_to_the_entry_after_them():
+    a = ("--\n-- Name: a; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
+         "CREATE TABLE public.a (i int);\n\n"
+         "SET default_table_access_method = heap2;\n\n"
+         "--\n-- Name: b; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
+         "CREATE TABLE public.b (i int);\n")
+    # the same objects, dumped in the other order (pg_dump breaks ties by OID)
+    b = ("SET default_table_access_method = heap2;\n\n"
+         "--\n-- Name: b; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
+         "CREATE TABLE public.b (i int);\n\n"
+         "SET default_table_access_method = heap;\n\n"
+         "--\n-- Name: a; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
+         "CREATE TABLE public.a (i int);\n")
+    na, nb = (dumps.normalise_dump(x) for x in (a, b))
+    key = "-- Name: b; Type: TABLE; Schema: public; Owner: postgres"
+    assert na[key] == nb[key] == ["SET default_table_access_method = heap2;",
+                                  "CREATE TABLE public.b (i int);"]
+
+
 def test_units_never_split_a_statement():
     sql = ("SELECT 1;\n"
            "CREATE FUNCTION f() RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n  SELECT 1;\n"

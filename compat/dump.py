@@ -32,6 +32,10 @@ What is normalised, and why (nothing else is):
   by OID, and OIDs differ between nodes;
 - role passwords are not dumped (SCRAM secrets carry a random salt per
   node) and tablespace locations (in-place tablespaces are named by OID);
+- ``SET default_tablespace`` / ``SET default_table_access_method`` lines:
+  pg_dump writes them only where the value changes, so where they fall
+  depends on the order of entries; each relation's access method and
+  tablespace are compared from pg_class instead;
 - blank lines and bare ``--`` comment lines, and the ``\\restrict KEY`` /
   ``\\unrestrict KEY`` lines pg_dump 15.14 and later wrap a dump in (a
   random key per run, CVE-2025-8714).
@@ -56,6 +60,20 @@ SETVAL = re.compile(r"^(SELECT pg_catalog\.setval\('.*', )-?\d+, (true|false)\);
 START_WITH = re.compile(r"\bSTART WITH -?\d+\b")
 CLUSTER_STEP = 16           # replication/cluster.py MAX_NODES: sequences step by it
 SET_LINE = re.compile(r"^SET [a-z_]+ = .*;$")
+# pg_dump sets these only when the next entry needs another value, so where
+# they appear depends on the order of entries (which differs by OID ties):
+# they are dropped, and each relation's access method and tablespace are
+# compared from the catalog instead (RELATIONS_SQL).
+STATEFUL_SET = re.compile(r"^SET (default_tablespace|default_table_access_method) = ")
+RELATIONS_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname), c.relkind, c.relpersistence,
+       coalesce(am.amname, '-'), coalesce(ts.spcname, '-')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_am am ON am.oid = c.relam
+LEFT JOIN pg_tablespace ts ON ts.oid = c.reltablespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'mtm')
+  AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+ORDER BY 1"""
 RESTRICT = re.compile(r"^\\(un)?restrict \S+$")
 LOCATION = re.compile(r"( LOCATION ')[^']*(';)$")
 DUMP_TIMEOUT_S = 120
@@ -101,6 +119,7 @@ def parse_entries(text: str) -> list[Entry]:
             while k > 0 and SET_LINE.match(prev[k - 1]):
                 k -= 1
             carried, prev[k:] = prev[k:], []
+            carried = [x for x in carried if not STATEFUL_SET.match(x)]
             entries.append(Entry(line, m["type"], m["name"], carried))
         elif line.strip() and line != "--" and not RESTRICT.match(line):
             entries[-1].lines.append(line)
@@ -257,6 +276,9 @@ def dump_node(pg: LocalPostgres, dbname: str) -> NodeDump:
                 "-l", dbname)
     entries = normalise_dump(db)
     entries["-- (globals: pg_dumpall --globals-only)"] = normalise_globals(glob)
+    rels = _run(pg, "psql", *common, "-X", "-A", "-t", "-F", " ", "-v", "ON_ERROR_STOP=1",
+                "-d", dbname, "-c", RELATIONS_SQL)
+    entries["-- (relations: kind, persistence, access method, tablespace)"] = rels.splitlines()
     return NodeDump(entries)
 
 

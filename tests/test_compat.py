@@ -91,7 +91,7 @@ def test_divergence_is_caught(runner):
     with psycopg.connect(node3.dsn(dbname="regression")) as c:
         c.execute("SET session_replication_role = replica")
         c.execute("CREATE UNLOGGED TABLE compat_only_on_3 (id int PRIMARY KEY)")
-        c.execute("COMMENT ON TABLE tenk1 IS 'only on node 3'")
+        c.execute("COMMENT ON SCHEMA public IS 'only on node 3'")
     tracker = DivergenceTracker()
     tracker.update({})
     ds, prepared, waited, errors = settle_and_dump(t, timeout_s=10)
@@ -101,12 +101,12 @@ def test_divergence_is_caught(runner):
     assert set(new) == {3}, new
     text = "\n".join(new[3])
     assert "+[TABLE public.compat_only_on_3] (the whole entry)" in new[3], text
-    assert "+[COMMENT public.TABLE tenk1] (the whole entry)" in new[3], text
+    assert any(ln.startswith("+[COMMENT") and "only on node 3" in ln for ln in new[3]), text
     assert waited < 15       # a lasting difference is not waited on for the full settle time
     with psycopg.connect(node3.dsn(dbname="regression")) as c:
         c.execute("SET session_replication_role = replica")
         c.execute("DROP TABLE compat_only_on_3")
-        c.execute("COMMENT ON TABLE tenk1 IS NULL")
+        c.execute("COMMENT ON SCHEMA public IS 'standard public schema'")
 
 
 # -- without servers ----------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_dump_normalised_for_what_differs_by_design_only():
         "-[TABLE DATA public.t] 2", "+[TABLE DATA public.t] 4"]
 
 
-def test_dump_sets_belong_to_the_entry_after_them():
+def test_dump_is_independent_of_the_order_of_entries():
     a = ("--\n-- Name: a; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
          "CREATE TABLE public.a (i int);\n\n"
          "SET default_table_access_method = heap2;\n\n"
@@ -219,10 +219,8 @@ def test_dump_sets_belong_to_the_entry_after_them():
          "SET default_table_access_method = heap;\n\n"
          "--\n-- Name: a; Type: TABLE; Schema: public; Owner: postgres\n--\n\n"
          "CREATE TABLE public.a (i int);\n")
-    na, nb = (dumps.normalise_dump(x) for x in (a, b))
-    key = "-- Name: b; Type: TABLE; Schema: public; Owner: postgres"
-    assert na[key] == nb[key] == ["SET default_table_access_method = heap2;",
-                                  "CREATE TABLE public.b (i int);"]
+    # (which access method each table has is compared from pg_class)
+    assert dumps.NodeDump(dumps.normalise_dump(a)) == dumps.NodeDump(dumps.normalise_dump(b))
 
 
 def test_units_never_split_a_statement():

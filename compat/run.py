@@ -227,9 +227,9 @@ class Runner:
 
     def __init__(self, sql_dir: Path, out: Path, exp: expected_mod.Expected, *,
                  timeout_s: float = FILE_TIMEOUT_S, settle_s: float = SETTLE_TIMEOUT_S,
-                 stepwise: frozenset[str] = frozenset()):
+                 stepwise: dict[str, tuple[int, int]] | None = None):
         self.timeout_s = timeout_s
-        self.stepwise = stepwise
+        self.stepwise = stepwise or {}     # file -> (first, last) line checked
         self.settle_s = settle_s
         self.sql_dir = sql_dir
         self.out = out
@@ -277,7 +277,7 @@ class Runner:
                 res["stepwise"] = steps
                 secs, timed_out = run_psql_stepwise(
                     sql, env, raw, self.timeout_s, self.out / "markers" / name,
-                    lambda unit: self._check_unit(name, unit, steps),
+                    lambda unit: self._check_unit(name, unit, steps, self.stepwise[name]),
                     lambda: self._unstick(name, side, res))
             else:
                 secs, timed_out = run_psql(sql, env, raw, self.timeout_s,
@@ -435,11 +435,14 @@ class Runner:
                       f"'pg_regress/{name}'", check=False)
         return "idle in transaction" in out
 
-    def _check_unit(self, name: str, unit, steps: list[dict]) -> None:
+    def _check_unit(self, name: str, unit, steps: list[dict],
+                    lines: tuple[int, int] = (1, 1 << 30)) -> None:
         """--stepwise: after one unit of the file ran through node 1, are the
         nodes still the same? Records the units that made them differ
         (the divergence tracker is advanced, so the file's own check after
         the last unit charges it with nothing new; the steps say what)."""
+        if unit.last_line < lines[0] or unit.first_line > lines[1]:
+            return
         if self._in_transaction(name):
             return      # nothing of it is committed yet, and its locks would stall the dumps
         ds, prepared, waited, errors = settle_and_dump(self.targets, self.settle_s,
@@ -527,12 +530,22 @@ def parse_args(argv):
                          "run did not find")
     ap.add_argument("--expected", type=Path, default=expected_mod.EXPECTED_FILE)
     ap.add_argument("--cache", type=Path, help="where the regression SQL is cached")
-    ap.add_argument("--stepwise", nargs="+", metavar="NAME", default=[],
+    ap.add_argument("--stepwise", nargs="+", metavar="NAME[:FROM-TO]", default=[],
                     help="for these files, check the nodes after every statement (slow: a "
                          "dump of every node per statement), to find the one that made "
-                         "them differ")
+                         "them differ; FROM-TO limits the checks to those lines")
     ap.add_argument("--list", action="store_true", help="print the files that would run")
     return ap.parse_args(argv)
+
+
+def parse_stepwise(items: list[str]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for item in items:
+        for spec in item.split(","):
+            name, _, rng = spec.partition(":")
+            first, _, last = rng.partition("-")
+            out[name] = (int(first or 1), int(last or 1 << 30))
+    return out
 
 
 def pick_files(args) -> list[str]:
@@ -571,7 +584,7 @@ def main(argv=None) -> int:
               f"(pglast {PGLAST_VERSION} sdist)", "files_requested": files,
               "expected_file": str(args.expected), "results": []}
     runner = Runner(sql_dir, out, exp, timeout_s=args.timeout, settle_s=args.settle,
-                    stepwise=frozenset(n for item in args.stepwise for n in item.split(",")))
+                    stepwise=parse_stepwise(args.stepwise))
     t0 = time.monotonic()
     interrupted = None
     log(f"{len(files)} file(s); output in {out}; servers in {base}")

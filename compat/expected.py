@@ -45,8 +45,8 @@ from .schedule import SCHEDULE
 EXPECTED_FILE = Path(__file__).resolve().parent / "expected.toml"
 TODO = "TODO: explain"
 DEFECT = "DEFECT"           # a reason starting so lists a known defect, not a by-design difference
-EXCERPT_LINES = 3           # lines of each side kept in the file for a reader ...
-EXCERPT_WIDTH = 200         # ... each cut to this many characters
+EXCERPT_LINES = 2           # lines of each side kept in the file for a reader ...
+EXCERPT_WIDTH = 120         # ... each cut to this many characters
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 # How a block is classed in reports (FINDINGS.md, report.json): where the
 # cluster printed an error the standalone did not,
@@ -68,11 +68,14 @@ REFUSAL = re.compile(r"^(ERROR|FATAL|WARNING):  .*(mmproxy|replicat|cluster|cann
 
 # What varies from one run of the cluster to the next inside a block, so
 # that its fingerprint stays the same: which peer reported an apply failure
-# first (a race between the peers), and the numbers in the cluster's gids.
+# first (a race between the peers), the numbers in the cluster's gids, and
+# timestamps (the time of the run).
 # Only the fingerprint is masked; outputs and diffs keep the real text.
 FINGERPRINT_MASKS = (
     (re.compile(r"\bnode \d+ could not apply it"), "node N could not apply it"),
     (re.compile(r"\bMTM-\d+-\d+-\d+"), "MTM-n-g-seq"),
+    # the time of the run (a row with now() in an error's DETAIL)
+    (re.compile(r"\b\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d(:\d\d)?)?"), "<timestamp>"),
 )
 
 

@@ -182,17 +182,21 @@ class NodeUnderTest:
 
     def dsn(self, **kw) -> str:
         extra = " ".join(f"{k}={v}" for k, v in kw.items())
-        return (f"host=127.0.0.1 port={self.client_port} user=postgres dbname=postgres "
-                f"connect_timeout=3 {extra}").strip()
+        return (f"host=127.0.0.1 port={self.client_port} user=postgres "
+                f"dbname={self.cluster.database} connect_timeout=3 {extra}").strip()
 
     def direct_dsn(self) -> str:
-        return self.pg.dsn()
+        return self.pg.dsn(dbname=self.cluster.database)
 
 
 class ClusterUnderTest:
     def __init__(self, base: str | os.PathLike, n: int = 3, *, timeouts: dict | None = None,
                  relay_links: bool = True, relay_clients: bool = False, fsync: bool = False,
-                 log_level: str = "info", pg_settings: dict | None = None):
+                 log_level: str = "info", pg_settings: dict | None = None,
+                 database: str = "postgres", before_init=None):
+        """``database``: the one the proxies replicate (``[postgres]
+        database``); ``before_init(node)`` runs once each server is up,
+        before ``mmproxy init-cluster`` (e.g. to create that database)."""
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o755)
@@ -204,6 +208,8 @@ class ClusterUnderTest:
         self.relay = Relay() if (relay_links or relay_clients) else None
         self.relay_links = relay_links
         self.relay_clients = relay_clients
+        self.database = database
+        self.before_init = before_init
         self.nodes = {i: NodeUnderTest(self, i) for i in range(1, n + 1)}
 
     def node(self, i: int) -> NodeUnderTest:
@@ -237,6 +243,7 @@ internode_listen = "127.0.0.1:{node.internode_port}"
 [postgres]
 host = "{node.pg.sockdir}"
 port = {node.pg.port}
+database = "{self.database}"
 
 [timeouts]
 shutdown_grace_ms = 2000
@@ -249,6 +256,8 @@ file = "{node.log_file}"
     def start(self, wait: bool = True) -> "ClusterUnderTest":
         for node in self.nodes.values():
             node.pg.init().start()
+            if self.before_init is not None:
+                self.before_init(node)
         for i in self.ids:
             self.write_config(i)
             node = self.nodes[i]

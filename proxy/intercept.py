@@ -47,7 +47,7 @@ _PASS_TYPES = (ast.VariableSetStmt, ast.VariableShowStmt, ast.VacuumStmt, ast.Ch
                ast.PrepareStmt, ast.DeallocateStmt, ast.DeclareCursorStmt, ast.FetchStmt,
                ast.ClosePortalStmt, ast.LoadStmt, ast.CreatedbStmt, ast.DropdbStmt,
                ast.AlterSystemStmt, ast.AlterDatabaseSetStmt, ast.ReindexStmt,
-               ast.ClusterStmt, ast.LockStmt, ast.ExecuteStmt)
+               ast.ClusterStmt, ast.LockStmt)
 # Writes to data (shipped as rows, not text). TRUNCATE is one: the slot
 # carries it (pgoutput's Truncate), for replicated tables only, so it is not
 # shipped as text (which would also truncate a peer's local tables, and
@@ -93,8 +93,12 @@ class Plan:
 
 
 def _has_function_call(node) -> bool:
+    """Can this read write, or lock rows? A function call, a sub-query, a
+    locking clause, or a data-modifying WITH (``WITH x AS (INSERT ...
+    RETURNING ...) SELECT ...``)."""
     for n in _walk(node):
-        if isinstance(n, (ast.FuncCall, ast.SubLink)) or (
+        if isinstance(n, (ast.FuncCall, ast.SubLink, ast.InsertStmt, ast.UpdateStmt,
+                          ast.DeleteStmt, ast.MergeStmt)) or (
                 isinstance(n, ast.SelectStmt) and n.lockingClause):
             return True
     return False
@@ -381,7 +385,14 @@ def _classify_one(text: str, s) -> Plan:
             return Plan(WRAP, ddl=True, sql=_select_into_as_ctas(s))
         return Plan(WRAP) if _has_function_call(s) else Plan(PASS)
     if isinstance(s, ast.CopyStmt):
-        return Plan(WRAP) if s.is_from else Plan(PASS)
+        # COPY ... FROM writes; so may COPY (INSERT ... RETURNING ...) TO
+        # and COPY (SELECT f()) TO
+        return Plan(WRAP) if s.is_from or (s.query is not None and _has_function_call(
+            s.query)) else Plan(PASS)
+    if isinstance(s, ast.ExecuteStmt):
+        # EXECUTE of a statement PREPAREd in SQL: it may be an INSERT,
+        # UPDATE, DELETE or MERGE, which must go through the commit protocol
+        return Plan(WRAP)
     if isinstance(s, _DML_TYPES):
         return Plan(WRAP, procedure=isinstance(s, ast.CallStmt))
     if _is_temp_ddl(s):

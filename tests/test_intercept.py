@@ -17,6 +17,13 @@ CASES = [
     ("SELECT f(1)", WRAP, {}),                       # a function may write
     ("SELECT (SELECT 1)", WRAP, {}),
     ("SELECT * FROM t FOR UPDATE", WRAP, {}),
+    # writes that do not start with INSERT/UPDATE/DELETE
+    ("WITH x AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM x", WRAP, {}),
+    ("COPY (INSERT INTO t VALUES (1) RETURNING *) TO stdout", WRAP, {}),
+    ("COPY (SELECT f()) TO stdout", WRAP, {}),
+    ("COPY (SELECT a FROM t) TO stdout", PASS, {}),
+    ("COPY t TO stdout", PASS, {}),
+    ("EXECUTE ins(1)", WRAP, {}),          # a PREPAREd INSERT, perhaps
     # the peers make the table empty; the rows reach them as rows
     ("SELECT 1 INTO t", WRAP, {"ddl": True, "sql": "CREATE TABLE t AS SELECT 1 WITH NO DATA"}),
     ("CREATE TABLE t AS SELECT random() r", WRAP,

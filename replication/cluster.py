@@ -124,6 +124,14 @@ REVOKE ALL ON mtm.secret FROM PUBLIC;
 CREATE SEQUENCE IF NOT EXISTS mtm.auth_seq;
 REVOKE ALL ON SEQUENCE mtm.auth_seq FROM PUBLIC;
 GRANT SELECT ON SEQUENCE mtm.auth_seq TO PUBLIC;
+-- One row per transaction in flight that wrote a guarded table (see
+-- mtm.guard_note): the commit guard's deferred check hangs on this table,
+-- not on the user's, so that a table written earlier in a transaction can
+-- still be altered, indexed, truncated or dropped in it (PostgreSQL
+-- refuses that while the table has deferred trigger events pending).
+-- Unlogged: never in WAL, never published.
+CREATE UNLOGGED TABLE IF NOT EXISTS mtm.guard_q (xid xid8 PRIMARY KEY, rel text NOT NULL);
+REVOKE ALL ON mtm.guard_q FROM PUBLIC;
 -- The peers trust every mtm_* logical message in the WAL: only superusers,
 -- and the mtm functions below on the proxy's behalf, may write one.
 REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) FROM PUBLIC;
@@ -332,35 +340,64 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $f$
 $f$;
 
 CREATE OR REPLACE FUNCTION mtm.commit_guard() RETURNS trigger
-LANGUAGE plpgsql AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 DECLARE mark text := coalesce(current_setting('mtm.preparing', true), '');
 BEGIN
   IF coalesce(current_setting('mtm.temp_commit', true), '') = 'on' THEN
-    RAISE EXCEPTION 'mmproxy: a transaction that used temporary tables cannot also write to replicated table %.%', TG_TABLE_SCHEMA, TG_TABLE_NAME
+    RAISE EXCEPTION 'mmproxy: a transaction that used temporary tables cannot also write to replicated table %', NEW.rel
       USING ERRCODE = '0A000',
             HINT = 'PostgreSQL cannot PREPARE a transaction that touched temporary objects, so it cannot be committed on every node. Write to temporary and replicated tables in separate transactions. Nothing was committed.';
   END IF;
   -- mtm.mark_prepare set the mark from this session's auth_seq, which only
   -- it advances: a session that did not go through the proxy cannot make one.
   IF mark = '' OR mark <> currval('mtm.auth_seq')::text || ':' || pg_current_xact_id()::text THEN
-    RAISE EXCEPTION 'mmproxy: this transaction wrote to replicated table %.% but did not go through the cluster commit protocol', TG_TABLE_SCHEMA, TG_TABLE_NAME
+    RAISE EXCEPTION 'mmproxy: this transaction wrote to replicated table % but did not go through the cluster commit protocol', NEW.rel
       USING ERRCODE = '0A000',
             HINT = 'Connect through an mmproxy port, not to PostgreSQL directly; the transaction was rolled back on this node only, so no node diverged.';
   END IF;
+  DELETE FROM mtm.guard_q WHERE xid = NEW.xid;
   RETURN NULL;
 END $f$;
 
--- The commit guard, on a table that holds rows: a plain table, or a
--- partition (never a partitioned table: PostgreSQL would clone its trigger
--- onto every partition, and a partition with a guard of its own could not
--- be attached).
+-- The commit guard's first half, on every guarded table: a statement-level
+-- trigger (one call per statement, whatever the number of rows; TRUNCATE
+-- included) that queues the transaction's one deferred check by a row in
+-- mtm.guard_q. Statement triggers are not cloned onto partitions, so
+-- partitioned tables carry one too (a statement on a partitioned table
+-- fires the partitioned table's, one on a partition the partition's).
+CREATE OR REPLACE FUNCTION mtm.guard_note() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
+BEGIN
+  INSERT INTO mtm.guard_q VALUES (pg_current_xact_id(), format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME))
+    ON CONFLICT DO NOTHING;
+  RETURN NULL;
+END $f$;
+
+-- Our own DDL (the guard's CREATE/DROP TRIGGER) runs in replica mode, so
+-- that the user's own event triggers (ENABLE ORIGIN, the default) do not
+-- see a statement the user never ran; mmproxy's (ENABLE ALWAYS) still do.
+CREATE OR REPLACE FUNCTION mtm._own_ddl(stmt text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
+DECLARE was text := current_setting('session_replication_role');
+BEGIN
+  PERFORM mtm._arm();    -- our own DDL, run on every node by its own trigger
+  PERFORM set_config('session_replication_role', 'replica', true);
+  EXECUTE stmt;
+  PERFORM set_config('session_replication_role', was, true);
+END $f$;
+
 CREATE OR REPLACE FUNCTION mtm._add_commit_guard(rel regclass) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 BEGIN
+  -- (an older mmproxy's guard was a deferred row-level constraint trigger)
+  IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'mtm_commit_guard'
+             AND tgconstraint <> 0) THEN
+    PERFORM mtm._own_ddl(format('DROP TRIGGER mtm_commit_guard ON %s', rel));
+  END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'mtm_commit_guard') THEN
-    PERFORM mtm._arm();    -- our own DDL, run on every node by its own trigger
-    EXECUTE format('CREATE CONSTRAINT TRIGGER mtm_commit_guard AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION mtm.commit_guard()', rel);
+    PERFORM mtm._own_ddl(format(
+      'CREATE TRIGGER mtm_commit_guard AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+      'FOR EACH STATEMENT EXECUTE FUNCTION mtm.guard_note()', rel));
   END IF;
 END $f$;
 
@@ -369,17 +406,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'mtm_commit_guard'
              AND tgparentid = 0) THEN
-    PERFORM mtm._arm();
-    EXECUTE format('DROP TRIGGER mtm_commit_guard ON %s', rel);
+    PERFORM mtm._own_ddl(format('DROP TRIGGER mtm_commit_guard ON %s', rel));
   END IF;
 END $f$;
 
--- Which tables carry the guard: permanent tables that hold rows, outside
--- mtm, not made local. Reconciled after every CREATE/ALTER TABLE (SET
+-- Which tables carry the guard: permanent tables and partitioned tables,
+-- outside mtm, not made local. Reconciled after every CREATE/ALTER TABLE (SET
 -- LOGGED / UNLOGGED change it).
 CREATE OR REPLACE FUNCTION mtm._guard_wanted(rel regclass) RETURNS bool
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
-  SELECT c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> 'mtm'
+  SELECT c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND n.nspname <> 'mtm'
          AND n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema'
          AND NOT EXISTS (SELECT 1 FROM mtm.local_tables t WHERE t.rel = c.oid)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
@@ -663,7 +699,7 @@ PUBLIC_FUNCTIONS = (
     "mark_prepare(text, text)", "commit_check(bool)",
     "refresh_column(text, regclass, name, bool, bool)", "_varies(regclass, name)",
     "_replica_mode(text, bool)",
-    "commit_guard()", "make_table_local(regclass)", "status()", "nodes()", "ping()")
+    "commit_guard()", "guard_note()", "make_table_local(regclass)", "status()", "nodes()", "ping()")
 
 
 async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[int],
@@ -688,15 +724,23 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
         for i in all_ids:
             await c.execute("INSERT INTO mtm.nodes VALUES (%s, %s, %s)",
                             (i, i == node_id, (addresses or {}).get(i)))
-    # The commit guard on every table that holds replicated rows, and on
-    # nothing else (a partitioned table's guard would be cloned onto its
-    # partitions: see mtm._add_commit_guard).
+    await c.execute("""
+        DO $d$ BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'mtm.guard_q'::regclass
+                         AND tgname = 'mtm_guard_check') THEN
+            CREATE CONSTRAINT TRIGGER mtm_guard_check AFTER INSERT ON mtm.guard_q
+              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION mtm.commit_guard();
+          END IF;
+        END $d$""")
+    # The commit guard on every replicated table (also converting an older
+    # mmproxy's row-level guard), and on nothing else.
     await c.execute("""
         SELECT CASE WHEN mtm._guard_wanted(c.oid::regclass)
                     THEN mtm._add_commit_guard(c.oid::regclass)
                     ELSE mtm._drop_commit_guard(c.oid::regclass) END
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+        WHERE c.relkind IN ('r', 'p')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'mtm')
           AND n.nspname NOT LIKE 'pg_toast%'
         ORDER BY c.relkind DESC""")
     if not await (await c.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",

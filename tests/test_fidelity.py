@@ -304,12 +304,12 @@ def test_partitioning_in_all_its_forms(cluster):
         same_everywhere(cluster, digest(t))
     same_everywhere(cluster, "SELECT count(*) FROM pg_inherits WHERE inhparent = "
                              "'meas'::regclass", [(4,)])
-    # every partition that holds rows carries the commit guard, once
+    # every table of the tree carries the commit guard, once
     same_everywhere(cluster, "SELECT c.relname, count(*) FROM pg_trigger t JOIN pg_class c "
                              "ON c.oid = t.tgrelid WHERE t.tgname = 'mtm_commit_guard' AND "
                              "c.relname LIKE 'meas%' GROUP BY 1 ORDER BY 1",
-                    [("meas_1", 1), ("meas_2", 1), ("meas_3_eu", 1), ("meas_3_rest", 1),
-                     ("meas_def", 1)])
+                    [("meas", 1), ("meas_1", 1), ("meas_2", 1), ("meas_3", 1), ("meas_3_eu", 1),
+                     ("meas_3_rest", 1), ("meas_def", 1)])
     assert sqlstate(cluster, cluster.direct(3).dsn(),
                     "INSERT INTO meas VALUES (5, 'eu', 1)") == "0A000"
 
@@ -324,3 +324,74 @@ def test_generated_always_identity_rows_update_on_every_node(cluster):
     same_everywhere(cluster, digest("ident"))
     assert len(direct(cluster, 1, "SELECT * FROM ident")) == 4
     assert direct(cluster, 1, "SELECT count(*) FROM pg_prepared_xacts") == [(0,)]
+
+
+def test_writes_that_do_not_look_like_writes_go_through_the_commit_protocol(cluster):
+    """EXECUTE of a statement PREPAREd in SQL, a data-modifying WITH under a
+    SELECT and COPY (INSERT ... RETURNING) TO, each in autocommit: they
+    commit on every node (before, the commit guard refused them)."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE hidden_w (id int PRIMARY KEY, how text)")
+        c.execute("PREPARE ins(int, text) AS INSERT INTO hidden_w VALUES ($1, $2)",
+                  prepare=False)
+        c.execute("EXECUTE ins(1, 'execute')", prepare=False)
+        c.execute("WITH x AS (INSERT INTO hidden_w VALUES (2, 'with') RETURNING id) "
+                  "SELECT id FROM x", prepare=False)
+        with c.cursor().copy("COPY (INSERT INTO hidden_w VALUES (3, 'copy') RETURNING id) "
+                             "TO STDOUT") as cp:
+            assert b"".join(bytes(b) for b in cp) == b"3\n"
+        c.execute("PREPARE sel AS SELECT count(*) FROM hidden_w", prepare=False)
+        assert c.execute("EXECUTE sel", prepare=False).fetchone() == (3,)
+    same_everywhere(cluster, "SELECT id, how FROM hidden_w ORDER BY id",
+                    [(1, "execute"), (2, "with"), (3, "copy")])
+
+
+def test_a_table_written_in_a_transaction_can_then_be_altered_in_it(cluster):
+    """The commit guard leaves no trigger event pending on the user's table:
+    PostgreSQL lets a transaction write a table and then ALTER, index,
+    TRUNCATE or DROP it (Django's migrations do), and so does the cluster.
+    (Before: 55006 "cannot ALTER TABLE because it has pending trigger
+    events".) A direct write is still refused, and the user's own event
+    triggers do not see the cluster's CREATE TRIGGER for the guard."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        with c.transaction():
+            c.execute("CREATE TABLE mig (id int PRIMARY KEY, v int)")
+            c.execute("INSERT INTO mig SELECT g, g FROM generate_series(1, 10) g")
+            c.execute("ALTER TABLE mig ADD COLUMN w int")
+            c.execute("UPDATE mig SET w = v * 2")
+            c.execute("CREATE INDEX mig_w ON mig (w)")
+            c.execute("ALTER TABLE mig ALTER COLUMN w SET NOT NULL")
+        with c.transaction():
+            c.execute("CREATE TABLE mig_tmp (id int PRIMARY KEY)")
+            c.execute("INSERT INTO mig_tmp VALUES (1)")
+            c.execute("TRUNCATE mig_tmp")
+            c.execute("DROP TABLE mig_tmp")
+        c.execute("CREATE TABLE mig_p (id int, v int) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE mig_p1 PARTITION OF mig_p FOR VALUES FROM (0) TO (100)")
+        with c.transaction():
+            c.execute("INSERT INTO mig_p VALUES (1, 1)")
+            c.execute("ALTER TABLE mig_p ADD COLUMN w int")
+        # the user's event triggers see the user's DDL only
+        c.execute("CREATE TABLE ddl_seen (tag text, id serial PRIMARY KEY)")
+        c.execute("CREATE FUNCTION see_ddl() RETURNS event_trigger LANGUAGE plpgsql AS "
+                  "$$BEGIN INSERT INTO ddl_seen (tag) VALUES (tg_tag); END$$")
+        c.execute("CREATE EVENT TRIGGER see_ddl ON ddl_command_end EXECUTE FUNCTION see_ddl()")
+        try:
+            c.execute("CREATE TABLE seen_t (id int PRIMARY KEY)")
+        finally:
+            c.execute("DROP EVENT TRIGGER see_ddl")
+        assert c.execute("SELECT tag FROM ddl_seen ORDER BY id").fetchall() == \
+            [("CREATE TABLE",)]
+    same_everywhere(cluster, digest("mig"))
+    same_everywhere(cluster, digest("mig_p"))
+    same_everywhere(cluster, "SELECT count(*) FROM mig WHERE w = v * 2", [(10,)])
+    same_everywhere(cluster, "SELECT to_regclass('mig_tmp') IS NULL", [(True,)])
+    # statement-level guards on the partitioned table and on its partition
+    same_everywhere(cluster, "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON "
+                             "c.oid = t.tgrelid WHERE t.tgname = 'mtm_commit_guard' AND "
+                             "c.relname LIKE 'mig_p%' ORDER BY 1", [("mig_p",), ("mig_p1",)])
+    for q in ("INSERT INTO mig_p VALUES (2, 2)", "INSERT INTO mig_p1 VALUES (3, 3)",
+              "TRUNCATE mig"):
+        assert sqlstate(cluster, cluster.direct(2).dsn(), q) == "0A000", q
+    same_everywhere(cluster, "SELECT count(*) FROM mig", [(10,)])
+    assert direct(cluster, 1, "SELECT count(*) FROM mtm.guard_q") == [(0,)]

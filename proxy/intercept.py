@@ -364,6 +364,27 @@ def _classify_one(text: str, s) -> Plan:
     if isinstance(s, ast.DropStmt) and s.concurrent:
         return Plan(REFUSE, reason="DROP INDEX CONCURRENTLY cannot be replicated; "
                                    "use DROP INDEX")
+    if isinstance(s, (ast.CreateTableSpaceStmt, ast.DropTableSpaceStmt)):
+        return Plan(REFUSE, reason="CREATE/DROP TABLESPACE cannot run through a cluster node: "
+                                   "PostgreSQL runs it outside any transaction, and a "
+                                   "tablespace is a directory on each node's own disk; create "
+                                   "or drop it on every node's PostgreSQL directly, then use "
+                                   "it through the cluster (CREATE TABLE ... TABLESPACE and "
+                                   "ALTER ... SET TABLESPACE replicate)")
+    if isinstance(s, ast.AlterTableStmt) and any(
+            getattr(c, "subtype", None) == AlterTableType.AT_DetachPartition
+            and getattr(c.def_, "concurrent", False) for c in s.cmds or ()):
+        return Plan(REFUSE, reason="DETACH PARTITION CONCURRENTLY cannot be replicated; use "
+                                   "DETACH PARTITION")
+    if isinstance(s, (ast.CreateSubscriptionStmt, ast.AlterSubscriptionStmt,
+                      ast.DropSubscriptionStmt)):
+        return Plan(REFUSE, reason="subscriptions are not supported through a cluster node: "
+                                   "every node would apply the publisher's changes, and their "
+                                   "slots cannot be created or dropped in the transaction that "
+                                   "replicates the statement; to load data from another "
+                                   "server, subscribe one node's PostgreSQL directly to it "
+                                   "with a table made local (mtm.make_table_local) and copy "
+                                   "from there through the cluster")
     if isinstance(s, (ast.NotifyStmt, ast.ListenStmt, ast.UnlistenStmt)):
         return Plan(PASS, deferred=text)
     if isinstance(s, ast.DoStmt) and _commits_inside(s):

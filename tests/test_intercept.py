@@ -23,7 +23,14 @@ CASES = [
     ("COPY (SELECT f()) TO stdout", WRAP, {}),
     ("COPY (SELECT a FROM t) TO stdout", PASS, {}),
     ("COPY t TO stdout", PASS, {}),
-    ("EXECUTE ins(1)", WRAP, {}),          # a PREPAREd INSERT, perhaps
+    ("EXECUTE ins(1)", WRAP, {}),
+    # PostgreSQL runs these outside any transaction block: refused, with why
+    ("CREATE TABLESPACE ts LOCATION '/srv/ts'", REFUSE, {}),
+    ("DROP TABLESPACE ts", REFUSE, {}),
+    ("ALTER TABLE p DETACH PARTITION c CONCURRENTLY", REFUSE, {}),
+    ("ALTER TABLE p DETACH PARTITION c", WRAP, {"ddl": True}),
+    ("CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p", REFUSE, {}),
+    ("DROP SUBSCRIPTION s", REFUSE, {}),          # a PREPAREd INSERT, perhaps
     # the peers make the table empty; the rows reach them as rows
     ("SELECT 1 INTO t", WRAP, {"ddl": True, "sql": "CREATE TABLE t AS SELECT 1 WITH NO DATA"}),
     ("CREATE TABLE t AS SELECT random() r", WRAP,

@@ -217,6 +217,23 @@ def _with_no_data(text: str, s) -> str:
     return text[:end] + " WITH NO DATA" + text[end:]
 
 
+def _explained_text(text: str) -> str:
+    """The statement an EXPLAIN runs: its text from the first keyword after
+    EXPLAIN and its options (a parenthesised list, or ANALYZE/VERBOSE)."""
+    depth, started = 0, False
+    for t in pglast.parser.scan(text):
+        if not started:
+            started = t.name == "EXPLAIN"
+            continue
+        if t.name == "ASCII_40":
+            depth += 1
+        elif t.name == "ASCII_41":
+            depth -= 1
+        elif depth == 0 and t.name not in ("ANALYZE", "ANALYSE", "VERBOSE"):
+            return text[t.start:]
+    return text
+
+
 def _select_into_as_ctas(s) -> str:
     """SELECT ... INTO t ... as CREATE TABLE t AS SELECT ... WITH NO DATA
     (what PostgreSQL itself turns it into)."""
@@ -396,7 +413,21 @@ def _classify_one(text: str, s) -> Plan:
         return Plan(PASS)
     if isinstance(s, ast.ExplainStmt):
         analyze = any(getattr(o, "defname", "") == "analyze" for o in (s.options or ()))
-        return Plan(WRAP) if analyze else Plan(PASS)
+        if not analyze:
+            return Plan(PASS)
+        # EXPLAIN ANALYZE runs the statement: CREATE TABLE AS, SELECT INTO
+        # and CREATE MATERIALIZED VIEW under it are DDL like without it
+        q = s.query
+        if isinstance(q, ast.CreateTableAsStmt) and not isinstance(q.query, ast.ExecuteStmt):
+            inner = _explained_text(text)
+            if q.objtype == ObjectType.OBJECT_TABLE:
+                inner = _with_no_data(inner, q)
+            return Plan(WRAP, ddl=True, sql=inner)
+        if isinstance(q, ast.SelectStmt) and q.intoClause is not None:
+            if q.intoClause.rel.relpersistence == "t":
+                return Plan(WRAP, temp=True)
+            return Plan(WRAP, ddl=True, sql=_select_into_as_ctas(q))
+        return Plan(WRAP)
     if isinstance(s, ast.SelectStmt) and _calls_make_table_local(s):
         return Plan(WRAP, ddl=True, sql=text)
     if isinstance(s, ast.SelectStmt):

@@ -547,6 +547,11 @@ class Applier:
         if settings:
             await c.execute("SELECT set_config(key, value, true) FROM json_each_text(%s::json)",
                             (json.dumps(settings),))
+        # The origin checked the function bodies it was asked to (with its
+        # own check_function_bodies); here a body may name what exists only
+        # in the origin's session (a temporary table or sequence), so it is
+        # not checked again, as pg_restore does not.
+        await c.execute("SET LOCAL check_function_bodies = off")
         role = ddl.get("role")
         superuser = True
         if role:
@@ -571,7 +576,8 @@ class Applier:
             await c.execute(sql.SQL("ALTER FUNCTION {}(text) OWNER TO {}").format(
                 sql.SQL(fn), sql.Identifier(role)))
             await c.execute(f"SELECT {fn}(%s)", (text,))
-            await c.execute(f"DROP FUNCTION {fn}(text)")
+            # (DROP OWNED BY the role drops it too)
+            await c.execute(f"DROP FUNCTION IF EXISTS {fn}(text)")
         # back to the applier's own settings for the rows that follow
         await c.execute("SELECT set_config(key, value, true) FROM json_each_text(%s::json)",
                         (json.dumps(self._settings),))

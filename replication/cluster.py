@@ -89,7 +89,7 @@ DDL_SETTINGS = (
     "DateStyle", "IntervalStyle", "TimeZone", "timezone_abbreviations",
     "standard_conforming_strings", "backslash_quote", "array_nulls", "transform_null_equals",
     "default_table_access_method", "default_tablespace", "default_toast_compression",
-    "check_function_bodies", "default_text_search_config", "xmloption", "xmlbinary",
+    "default_text_search_config", "xmloption", "xmlbinary",
     "lc_monetary", "lc_numeric", "lc_time", "password_encryption", "extra_float_digits",
     "bytea_output", "allow_system_table_mods")
 
@@ -484,8 +484,12 @@ CREATE OR REPLACE FUNCTION mtm.on_create_sequence() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 DECLARE r record;
 BEGIN
-  FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
-           WHERE object_type = 'sequence' AND schema_name <> 'mtm'
+  -- (a temporary sequence is the session's own: it counts 1, 2, 3 as on
+  -- PostgreSQL)
+  FOR r IN SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+             JOIN pg_class c ON c.oid = d.objid
+           WHERE d.object_type = 'sequence' AND d.schema_name <> 'mtm'
+             AND c.relpersistence <> 't'
   LOOP
     PERFORM mtm.adjust_sequence(r.objid::regclass);
   END LOOP;

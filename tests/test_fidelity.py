@@ -395,3 +395,34 @@ def test_a_table_written_in_a_transaction_can_then_be_altered_in_it(cluster):
         assert sqlstate(cluster, cluster.direct(2).dsn(), q) == "0A000", q
     same_everywhere(cluster, "SELECT count(*) FROM mig", [(10,)])
     assert direct(cluster, 1, "SELECT count(*) FROM mtm.guard_q") == [(0,)]
+
+
+def test_ddl_that_names_session_objects_or_drops_its_owner_replicates(cluster):
+    """Found by the compatibility check (rangefuncs, dependency, select_into,
+    matview): a function whose body names a temporary sequence (checked on
+    the origin, not again on the peers); DROP OWNED BY a plain role, which
+    also drops what the peers run that role's DDL with; CREATE TABLE AS,
+    SELECT INTO and CREATE MATERIALIZED VIEW under EXPLAIN ANALYZE."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE ROLE dep_owner LOGIN")
+        c.execute("GRANT CREATE ON SCHEMA public TO dep_owner")
+    with psycopg.connect(cluster.dsn(2, user="dep_owner"), autocommit=True) as c:
+        c.execute("CREATE TEMP SEQUENCE dep_seq")
+        c.execute("CREATE FUNCTION dep_next() RETURNS bigint LANGUAGE sql AS "
+                  "'SELECT nextval(''dep_seq'')'")
+        assert c.execute("SELECT dep_next()").fetchone() == (1,)
+        c.execute("CREATE TABLE dep_t (id int PRIMARY KEY)")
+    same_everywhere(cluster, "SELECT count(*) FROM pg_proc WHERE proname = 'dep_next'", [(1,)])
+    with psycopg.connect(cluster.dsn(2, user="dep_owner"), autocommit=True) as c:
+        c.execute("DROP OWNED BY dep_owner")
+    same_everywhere(cluster, "SELECT count(*) FROM pg_proc WHERE proname = 'dep_next' OR "
+                             "proname LIKE 'apply\\_ddl\\_%'", [(0,)])
+    same_everywhere(cluster, "SELECT to_regclass('dep_t') IS NULL", [(True,)])
+    with psycopg.connect(cluster.dsn(3), autocommit=True) as c:
+        c.execute("EXPLAIN (ANALYZE, COSTS OFF) CREATE TABLE ex_ctas (a) AS "
+                  "SELECT g FROM generate_series(1, 3) g")
+        c.execute("EXPLAIN ANALYZE SELECT g AS a INTO ex_into FROM generate_series(1, 4) g")
+        c.execute("EXPLAIN ANALYZE CREATE MATERIALIZED VIEW ex_mv AS SELECT 1 AS a")
+    same_everywhere(cluster, "SELECT (SELECT count(*) FROM ex_ctas), "
+                             "(SELECT count(*) FROM ex_into), (SELECT count(*) FROM ex_mv)",
+                    [(3, 4, 1)])

@@ -217,6 +217,18 @@ def _with_no_data(text: str, s) -> str:
     return text[:end] + " WITH NO DATA" + text[end:]
 
 
+def _partition_bound(s):
+    """The FOR VALUES of a CREATE TABLE ... PARTITION OF or an ATTACH
+    PARTITION, else None."""
+    if isinstance(s, ast.CreateStmt):
+        return s.partbound
+    if isinstance(s, ast.AlterTableStmt):
+        for c in s.cmds or ():
+            if getattr(c, "subtype", None) == AlterTableType.AT_AttachPartition:
+                return c.def_.bound
+    return None
+
+
 def _explained_text(text: str) -> str:
     """The statement an EXPLAIN runs: its text from the first keyword after
     EXPLAIN and its options (a parenthesised list, or ANALYZE/VERBOSE)."""
@@ -393,6 +405,15 @@ def _classify_one(text: str, s) -> Plan:
             and getattr(c.def_, "concurrent", False) for c in s.cmds or ()):
         return Plan(REFUSE, reason="DETACH PARTITION CONCURRENTLY cannot be replicated; use "
                                    "DETACH PARTITION")
+    bound = _partition_bound(s)
+    if bound is not None and _nondeterministic(bound):
+        return Plan(REFUSE, reason="a partition bound computed by a function or CURRENT_* "
+                                   "cannot be replicated: each node would compute its own "
+                                   "bound; write the bound as a constant")
+    if isinstance(s, ast.RuleStmt) and s.rulename == "_RETURN":
+        return Plan(REFUSE, reason="turning a table into a view with CREATE RULE \"_RETURN\" "
+                                   "is not supported by the cluster (PostgreSQL 16 removed it "
+                                   "too); use CREATE VIEW")
     if isinstance(s, (ast.CreateSubscriptionStmt, ast.AlterSubscriptionStmt,
                       ast.DropSubscriptionStmt)):
         return Plan(REFUSE, reason="subscriptions are not supported through a cluster node: "

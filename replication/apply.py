@@ -344,6 +344,9 @@ class Applier:
             return
         self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
         table, cols = _names(rel)
+        if not cols:        # a table with no columns: n empty rows
+            self._add(f"INSERT INTO {table} SELECT FROM generate_series(1, {len(rows)})")
+            return
         if len(rows) <= INSERT_BATCH_ROWS:
             self._add(f"INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE VALUES " + ", ".join(
                 "(" + ", ".join(map(_quote, row)) + ")" for row in rows))
@@ -483,6 +486,9 @@ class Applier:
         if cls is po.Insert:
             rel = self._rel(msg.relid)
             table, cols = _names(rel)
+            if not cols:
+                self._add(f"INSERT INTO {table} DEFAULT VALUES")
+                return
             self._add(f"INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE VALUES ("
                       + ", ".join(map(_literal, msg.new.values)) + ")")
         elif cls is po.Update:
@@ -628,7 +634,9 @@ def _names(rel: po.Relation) -> tuple[str, str]:
         return hit[1]
     if len(_NAMES) > 10000:
         _NAMES.clear()
-    names = (quote_ident(rel.namespace) + "." + quote_ident(rel.name),
+    # pgoutput writes pg_catalog's name as an empty string (logicalproto.c
+    # logicalrep_write_namespace)
+    names = (quote_ident(rel.namespace or "pg_catalog") + "." + quote_ident(rel.name),
              ", ".join(quote_ident(c.name) for c in rel.columns))
     _NAMES[id(rel)] = (rel, names)
     return names

@@ -426,3 +426,22 @@ def test_ddl_that_names_session_objects_or_drops_its_owner_replicates(cluster):
     same_everywhere(cluster, "SELECT (SELECT count(*) FROM ex_ctas), "
                              "(SELECT count(*) FROM ex_into), (SELECT count(*) FROM ex_mv)",
                     [(3, 4, 1)])
+
+
+def test_rows_of_unusual_tables_apply_and_volatile_bounds_are_refused(cluster):
+    """A table with no columns (the peers were sent INSERT INTO t () ...),
+    one row and a batch; a partition bound computed by a function is
+    refused (each node would compute its own bound)."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE TABLE nocols ()")
+        c.execute("INSERT INTO nocols DEFAULT VALUES")
+        c.execute("INSERT INTO nocols SELECT FROM generate_series(1, 120)")
+        c.execute("CREATE TABLE byday (d timestamptz, v int) PARTITION BY RANGE (d)")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("CREATE TABLE byday_old PARTITION OF byday "
+                      "FOR VALUES FROM (MINVALUE) TO (current_timestamp)")
+        c.execute("CREATE TABLE byday_2020 PARTITION OF byday "
+                  "FOR VALUES FROM ('2020-01-01') TO ('2021-01-01')")
+    same_everywhere(cluster, "SELECT count(*) FROM nocols", [(121,)])
+    same_everywhere(cluster, "SELECT count(*) FROM pg_inherits WHERE inhparent = "
+                             "'byday'::regclass", [(1,)])

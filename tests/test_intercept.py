@@ -30,7 +30,16 @@ CASES = [
     ("ALTER TABLE p DETACH PARTITION c CONCURRENTLY", REFUSE, {}),
     ("ALTER TABLE p DETACH PARTITION c", WRAP, {"ddl": True}),
     ("CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p", REFUSE, {}),
-    ("DROP SUBSCRIPTION s", REFUSE, {}),          # a PREPAREd INSERT, perhaps
+    ("DROP SUBSCRIPTION s", REFUSE, {}),
+    # each node would compute its own bound
+    ("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM ('2020-01-01') TO (current_timestamp)",
+     REFUSE, {}),
+    ("ALTER TABLE p ATTACH PARTITION p1 FOR VALUES FROM (now()) TO (MAXVALUE)", REFUSE, {}),
+    ("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM ('2020-01-01'::date) TO (MAXVALUE)",
+     WRAP, {"ddl": True}),
+    ("CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1, 2)", WRAP, {"ddl": True}),
+    ('CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD SELECT * FROM u', REFUSE, {}),
+    ("CREATE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", WRAP, {"ddl": True}),          # a PREPAREd INSERT, perhaps
     # the peers make the table empty; the rows reach them as rows
     ("SELECT 1 INTO t", WRAP, {"ddl": True, "sql": "CREATE TABLE t AS SELECT 1 WITH NO DATA"}),
     ("CREATE TABLE t AS SELECT random() r", WRAP,

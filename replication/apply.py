@@ -526,9 +526,12 @@ class Applier:
             q = "TRUNCATE " + ", ".join(_names(self._rel(r))[0] for r in msg.relids)
             if msg.restart_identity:
                 q += " RESTART IDENTITY"
-            if msg.cascade:
-                q += " CASCADE"
-            self._add(q)
+            # Always CASCADE: pgoutput lists the partitions truncated, not
+            # their partitioned tables, and a foreign key declared on a
+            # partitioned table makes PostgreSQL refuse that list without
+            # it. Nothing more is emptied: the origin's TRUNCATE succeeded,
+            # so every table referencing these was truncated there too.
+            self._add(q + " CASCADE")
         elif cls is po.Message:
             if msg.prefix == DDL_PREFIX:
                 await self._send_batch()

@@ -445,3 +445,21 @@ def test_rows_of_unusual_tables_apply_and_volatile_bounds_are_refused(cluster):
     same_everywhere(cluster, "SELECT count(*) FROM nocols", [(121,)])
     same_everywhere(cluster, "SELECT count(*) FROM pg_inherits WHERE inhparent = "
                              "'byday'::regclass", [(1,)])
+
+
+def test_truncate_of_tables_referenced_from_a_partitioned_table(cluster):
+    """TRUNCATE of a table and of the partitioned table whose foreign key
+    references it: the peers get the partitions' names, which PostgreSQL
+    refused without CASCADE (found by the compatibility check,
+    foreign_key)."""
+    with psycopg.connect(cluster.dsn(2), autocommit=True) as c:
+        c.execute("CREATE TABLE tr_pk (a int PRIMARY KEY)")
+        c.execute("CREATE TABLE tr_fk (a int REFERENCES tr_pk, b int) PARTITION BY RANGE (a)")
+        c.execute("CREATE TABLE tr_fk1 PARTITION OF tr_fk FOR VALUES FROM (0) TO (10)")
+        c.execute("CREATE TABLE tr_fk2 PARTITION OF tr_fk FOR VALUES FROM (10) TO (20)")
+        c.execute("INSERT INTO tr_pk SELECT generate_series(0, 19)")
+        c.execute("INSERT INTO tr_fk SELECT g, g FROM generate_series(0, 19) g")
+        c.execute("TRUNCATE tr_pk, tr_fk")
+        c.execute("INSERT INTO tr_pk VALUES (5)")
+    same_everywhere(cluster, "SELECT (SELECT count(*) FROM tr_pk), (SELECT count(*) FROM tr_fk)",
+                    [(1, 0)])

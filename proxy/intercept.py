@@ -390,6 +390,11 @@ def _classify_one(text: str, s) -> Plan:
     if isinstance(s, ast.IndexStmt) and s.concurrent:
         return Plan(REFUSE, reason="CREATE INDEX CONCURRENTLY cannot be replicated; "
                                    "use CREATE INDEX")
+    if isinstance(s, ast.RefreshMatViewStmt) and s.concurrent:
+        return Plan(REFUSE, reason="REFRESH MATERIALIZED VIEW CONCURRENTLY cannot be "
+                                   "replicated: it works in a temporary table, and PostgreSQL "
+                                   "cannot PREPARE a transaction that used one; use REFRESH "
+                                   "MATERIALIZED VIEW")
     if isinstance(s, ast.DropStmt) and s.concurrent:
         return Plan(REFUSE, reason="DROP INDEX CONCURRENTLY cannot be replicated; "
                                    "use DROP INDEX")

@@ -378,12 +378,18 @@ END $f$;
 -- see a statement the user never ran; mmproxy's (ENABLE ALWAYS) still do.
 CREATE OR REPLACE FUNCTION mtm._own_ddl(stmt text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
-DECLARE was text := current_setting('session_replication_role');
+DECLARE
+  was text := current_setting('session_replication_role');
+  -- the user's uncaptured DDL this runs under is judged after it, on its
+  -- own objects (see mtm.ddl_guard), not on ours
+  uncaptured text := coalesce(current_setting('mtm.uncaptured', true), '');
 BEGIN
   PERFORM mtm._arm();    -- our own DDL, run on every node by its own trigger
+  PERFORM set_config('mtm.uncaptured', '', true);
   PERFORM set_config('session_replication_role', 'replica', true);
   EXECUTE stmt;
   PERFORM set_config('session_replication_role', was, true);
+  PERFORM set_config('mtm.uncaptured', uncaptured, true);
 END $f$;
 
 CREATE OR REPLACE FUNCTION mtm._add_commit_guard(rel regclass) RETURNS void
@@ -581,14 +587,33 @@ BEGIN
     PERFORM set_config('mtm.capture', '', true);
     RETURN;
   END IF;
-  RAISE EXCEPTION 'mmproxy: % was not captured for replication', tg_tag
+  -- DDL that may touch only temporary objects (a function's CREATE TEMP
+  -- TABLE, REFRESH MATERIALIZED VIEW's work table): judged once it ran, by
+  -- mtm.on_ddl_end / mtm.on_sql_drop, which refuse it unless every object
+  -- it touched is temporary (and so this node's only).
+  IF tg_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE INDEX',
+                'CREATE SEQUENCE', 'CREATE VIEW', 'ALTER TABLE', 'ALTER SEQUENCE',
+                'ALTER INDEX', 'ALTER VIEW', 'CREATE TRIGGER', 'CREATE RULE', 'COMMENT',
+                'DROP TABLE', 'DROP INDEX', 'DROP SEQUENCE', 'DROP VIEW', 'DROP TRIGGER',
+                'DROP RULE') THEN
+    PERFORM set_config('mtm.uncaptured', tg_tag, true);
+    RETURN;
+  END IF;
+  PERFORM mtm._not_captured(tg_tag);
+END $f$;
+
+CREATE OR REPLACE FUNCTION mtm._not_captured(tag text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
+BEGIN
+  RAISE EXCEPTION 'mmproxy: % was not captured for replication', tag
     USING ERRCODE = '0A000',
-          HINT = 'Run DDL through an mmproxy port, as a statement of its own; DDL inside DO blocks and functions cannot be replicated. To change this node only, a superuser may SET session_replication_role = replica first.';
+          HINT = 'Run DDL through an mmproxy port, as a statement of its own; DDL inside DO blocks and functions cannot be replicated (DDL on temporary objects only can). To change this node only, a superuser may SET session_replication_role = replica first.';
 END $f$;
 """
 
 
-def _ship_staged_sql(func: str, setting: str, counts: str, refusal: str) -> str:
+def _ship_staged_sql(func: str, setting: str, counts: str, refusal: str,
+                     uncaptured: str) -> str:
     """An event trigger function that ships the DDL the proxy staged in
     ``setting`` (see mtm.capture) unless every object it touched - ``counts``
     sets n_temp and n_all - is temporary, and so exists on this node only;
@@ -603,6 +628,12 @@ DECLARE
   n_temp int;
   n_all int;
 BEGIN
+  IF coalesce(current_setting('mtm.uncaptured', true), '') <> '' THEN
+    -- DDL the DDL guard let run uncaptured (see mtm.ddl_guard): only on
+    -- temporary objects may it stay
+    {uncaptured}
+    RETURN;
+  END IF;
   IF staged = '' THEN
     RETURN;
   END IF;
@@ -631,7 +662,13 @@ ON_SQL_DROP_SQL = _ship_staged_sql(
     "    FROM pg_event_trigger_dropped_objects() WHERE original;",
     "'mmproxy: a DROP of temporary and permanent objects together cannot be replicated'\n"
     "      USING ERRCODE = '0A000', HINT = 'Drop the temporary objects in a statement of "
-    "their own.'")
+    "their own.'",
+    # (ddl_command_end follows, and finds the flag cleared)
+    "IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() WHERE original\n"
+    "                AND NOT is_temporary) THEN\n"
+    "      PERFORM mtm._not_captured(current_setting('mtm.uncaptured'));\n"
+    "    END IF;\n"
+    "    PERFORM set_config('mtm.uncaptured', '', true);")
 
 # So is DDL on a table that may be temporary, from ddl_command_end, after
 # the statement ran: temporary are the objects in the session's temporary
@@ -655,7 +692,19 @@ ON_DDL_END_SQL = _ship_staged_sql(
     "      INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;\n"
     "  END IF;",
     "'mmproxy: % changed temporary and permanent objects together; it cannot be "
-    "replicated', tg_tag\n      USING ERRCODE = '0A000'")
+    "replicated', tg_tag\n      USING ERRCODE = '0A000'",
+    # a DROP was judged by mtm.on_sql_drop (one that dropped nothing changed
+    # nothing); anything else must have touched temporary objects only
+    "PERFORM set_config('mtm.uncaptured', '', true);\n"
+    "    IF tg_tag NOT LIKE 'DROP %' AND NOT EXISTS (\n"
+    "        SELECT 1 FROM pg_event_trigger_ddl_commands() x) OR EXISTS (\n"
+    "        SELECT 1 FROM pg_event_trigger_ddl_commands() x\n"
+    "        WHERE NOT (x.schema_name = 'pg_temp' OR EXISTS (\n"
+    "          SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
+    "          WHERE d.classid = x.classid AND d.objid = x.objid\n"
+    "            AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't'))) THEN\n"
+    "      PERFORM mtm._not_captured(tg_tag);\n"
+    "    END IF;")
 
 EVENT_TRIGGERS_SQL = r"""
 DO $d$ BEGIN

@@ -18,6 +18,7 @@ def cluster(workdir):
         conn.execute("CREATE ROLE other LOGIN")
         conn.execute("CREATE TABLE app_t (id int PRIMARY KEY, v text)")
         conn.execute("GRANT ALL ON app_t TO app")
+        conn.execute("CREATE SCHEMA app_s AUTHORIZATION app")
     yield c
     c.stop()
 
@@ -121,8 +122,10 @@ def test_a_plain_role_cannot_forge_protocol_state_or_call_admin_functions(cluste
         "SELECT mtm.make_table_local('app_t')": "42501",     # not its owner
         "DELETE FROM mtm.precommits": "42501",
         "INSERT INTO mtm.local_tables VALUES ('app_t')": "42501",
-        # a flag set by hand lets nothing through: DDL, or a commit without the protocol
-        "SET mtm.capture = 'on'; CREATE TABLE forged (id int)": "0A000",
+        # a flag set by hand lets nothing through: DDL (in a schema it may
+        # create in), or a commit without the protocol
+        "SET mtm.capture = 'on'; SET mtm.uncaptured = ''; CREATE TABLE app_s.forged (id int)":
+            "0A000",
         # (55000: the mark's proof is a sequence only mtm.mark_prepare advances,
         # which this session never did)
         "BEGIN; INSERT INTO app_t VALUES (50, 'x'); SET LOCAL mtm.preparing = '1:1'; COMMIT":
@@ -140,7 +143,7 @@ def test_a_plain_role_cannot_forge_protocol_state_or_call_admin_functions(cluste
         assert c.execute("SELECT count(*) FROM mtm.nodes()").fetchone() == (3,)
         assert c.execute("SELECT status FROM mtm.status()").fetchone() == ("online",)
     same_everywhere(cluster, "SELECT count(*) FROM app_t WHERE id = 50", [(0,)])
-    same_everywhere(cluster, "SELECT to_regclass('forged') IS NULL", [(True,)])
+    same_everywhere(cluster, "SELECT to_regclass('app_s.forged') IS NULL", [(True,)])
 
 
 def test_rls_definer_functions_and_default_privileges_replicate(cluster):
@@ -463,3 +466,33 @@ def test_truncate_of_tables_referenced_from_a_partitioned_table(cluster):
         c.execute("INSERT INTO tr_pk VALUES (5)")
     same_everywhere(cluster, "SELECT (SELECT count(*) FROM tr_pk), (SELECT count(*) FROM tr_fk)",
                     [(1, 0)])
+
+
+def test_ddl_inside_functions_on_temporary_objects_only_runs(cluster):
+    """A function's CREATE TEMP TABLE (and its index and DROP) is the
+    session's own, as on PostgreSQL (found by the compatibility check:
+    plancache, transactions); DDL on permanent objects inside a function is
+    still refused, also when it comes after temporary DDL in the block."""
+    with psycopg.connect(cluster.dsn(1), autocommit=True) as c:
+        c.execute("CREATE FUNCTION scratch(n int) RETURNS bigint LANGUAGE plpgsql AS $$"
+                  "DECLARE r bigint; BEGIN "
+                  "CREATE TEMP TABLE scratch_t (x int); CREATE INDEX ON scratch_t (x); "
+                  "INSERT INTO scratch_t SELECT generate_series(1, n); "
+                  "SELECT sum(x) INTO r FROM scratch_t; DROP TABLE scratch_t; RETURN r; END$$")
+        assert c.execute("SELECT scratch(10)").fetchone() == (55,)
+        assert c.execute("SELECT scratch(4)").fetchone() == (10,)
+        c.execute("DO $$BEGIN CREATE TEMP TABLE IF NOT EXISTS do_tmp (a int); END$$")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("DO $$BEGIN CREATE TEMP TABLE do_tmp2 (a int); "
+                      "CREATE TABLE do_perm (a int); END$$")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("DO $$BEGIN ALTER TABLE app_t ADD COLUMN sneaky int; END$$")
+        c.execute("CREATE TABLE perm_drop (a int)")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("DO $$BEGIN DROP TABLE perm_drop; END$$")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            c.execute("REFRESH MATERIALIZED VIEW CONCURRENTLY ex_mv")
+    same_everywhere(cluster, "SELECT to_regclass('do_perm') IS NULL, "
+                             "to_regclass('perm_drop') IS NOT NULL", [(True, True)])
+    same_everywhere(cluster, "SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                             "'app_t'::regclass AND attname = 'sneaky'", [(0,)])

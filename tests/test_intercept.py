@@ -39,6 +39,8 @@ CASES = [
      WRAP, {"ddl": True}),
     ("CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1, 2)", WRAP, {"ddl": True}),
     ('CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD SELECT * FROM u', REFUSE, {}),
+    ("REFRESH MATERIALIZED VIEW CONCURRENTLY m", REFUSE, {}),
+    ("REFRESH MATERIALIZED VIEW m", WRAP, {"ddl": True}),
     ("CREATE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", WRAP, {"ddl": True}),          # a PREPAREd INSERT, perhaps
     # the peers make the table empty; the rows reach them as rows
     ("SELECT 1 INTO t", WRAP, {"ddl": True, "sql": "CREATE TABLE t AS SELECT 1 WITH NO DATA"}),

@@ -1,0 +1,561 @@
+"""Failure detection, read leases and the Raft leader's generation policy: pure cores.
+
+What this module owns: *when* the cluster changes generation and what it
+proposes to the log; ``consensus/gens.py`` owns what an applied entry
+means. No I/O, clocks or randomness: the shell passes its monotonic clock
+as ``now_ms`` and carries out what the cores return.
+
+- ``FailureDetector``: one per node. ``heard_from(peer, now)`` on every
+  ``Status`` received; a peer silent for ``suspect_ms`` is suspected. The
+  shell reports each wake-up of its heartbeat timer with ``loop_tick
+  (expected, actual)``; while the loop lags more than ``lag_threshold_ms``,
+  and for ``suspect_ms`` after, it suspects nobody: the silence it would see
+  is its own (GENERATIONS.md section 6: "While its own loop lags more than
+  100 ms, it suspects no one").
+- ``ReadLease``: one per node. A node serves reads only while ONLINE and
+  within ``lease_ms`` of sending a ``Status`` (its own clock) that the
+  leader answered with a ``LeaseGrant``. The leader grants only after a
+  quorum of voters, in its term, echoed a round it broadcast *after* it
+  received that Status (a ReadIndex-style confirmation), and only to an
+  ONLINE member it is not about to exclude.
+- ``LeaderPolicy``: one per node, active while the node leads. From the
+  ``GenState``, the Statuses (connectivity, join and online requests,
+  in-doubt gids and the answers about them) and its detector, it plans the
+  entries to propose (``Plan.proposals``), the lease grants, and the gids
+  to ask about.
+
+Rules of the policy (GENERATIONS.md sections 5 and 6):
+
+- **Exclusion.** A member that is silent (suspected) or outside the best
+  clique of mutually connected members, or a member that restarted while
+  ONLINE (``Status.fresh``: it lost what its commit cores knew of this
+  generation's transactions), leads to ``Gen(members ∩ clique)`` - the
+  same members again for a restart. Only with donors, a majority of
+  configured nodes, and never while the leader's own loop lags.
+- **Read leases.** Once the policy wants to exclude X it grants X nothing
+  more, and it proposes the generation only when every grant to an
+  excluded node is ``exclusion_wait_ms = lease_ms * (1 + drift)**2`` old
+  (counted from the receipt of the Status it answered, which X sent
+  earlier) and it has led that long itself (grants of earlier leaders
+  were confirmed by a quorum before this leader's election). So X stops
+  reading before a generation without it can commit.
+- **Joining.** One joiner per generation, only when every member is ONLINE
+  (``may_commit``), once the joiner has been mutually connected with every
+  member for ``restable_ms`` (2 x suspect) and reports its catch-up within
+  ``join_lag_ms`` (``Status.join``).
+- **Online.** ``Online(m, num)`` for a RECOVERY member that reports it
+  reached its donor's marker of the current generation (``Status.online``).
+  A member still in RECOVERY ``recovery_timeout_ms`` after the generation
+  began is treated as outside the clique.
+- **In-doubt transactions** (``Status.prepared_old``: prepared here, of a
+  generation older than the reporter's) are asked about (``Plan.resolving``,
+  broadcast in the leader's Status). A node answers 'p' if it holds a
+  precommit record, 'n' only when it can never hold one: its applied
+  generation is later than the transaction's (the fence) and no precommit
+  write of it is in flight. Any 'p' -> ``Decide(commit)`` (a precommit
+  means every member voted yes). 'n' from enough of the transaction's
+  configured nodes (non-members of its generation count: they are never
+  asked to precommit) that a precommit majority can no longer form ->
+  ``Decide(abort)``. Otherwise wait.
+- **Forget** a decided gid once its Decide precedes the current
+  generation's entry (every donor marker of this generation, and so every
+  catch-up, reflects the outcome) and every configured node reported, from
+  the current generation, an applied index past the Decide and the gid no
+  longer prepared.
+- Proposals are deduplicated until applied (or ``proposal_timeout_ms``);
+  ``GenState`` validates them again when they apply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from consensus.gens import (DEAD, ONLINE, RECOVERY, Decide, Forget, Gen, GenState, Online,
+                            gid_gen, majority)
+
+PRECOMMIT_HELD, NO_PRECOMMIT = "p", "n"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    heartbeat_ms: int = 100
+    suspect_ms: int = 500
+    lease_ms: int = 300
+    drift: float = 0.1             # bound on the rate difference of two nodes' clocks
+    lag_threshold_ms: int = 100
+    join_lag_ms: int = 1000
+    restable_ms: int = 1000        # 2 x suspect
+    recovery_timeout_ms: int = 3000
+    proposal_timeout_ms: int = 1000
+    max_resolving: int = 64
+    max_forget: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_ms * 2 <= self.suspect_ms:
+            raise ValueError("need 0 < 2 x heartbeat_ms <= suspect_ms")
+        if not 0 <= self.drift < 1:
+            raise ValueError("drift is a fraction: 0 <= drift < 1")
+        if not 0 < self.lease_ms * (1 + self.drift) < self.suspect_ms:
+            raise ValueError("need lease_ms < suspect_ms / (1 + drift)")
+        if self.exclusion_wait_ms > self.suspect_ms:
+            raise ValueError(f"lease_ms * (1 + drift)^2 = {self.exclusion_wait_ms} ms exceeds "
+                             f"suspect_ms: a silent node would wait for its lease, not the "
+                             f"detector")
+        if self.lag_threshold_ms <= 0 or self.restable_ms < self.suspect_ms:
+            raise ValueError("lag_threshold_ms > 0 and restable_ms >= suspect_ms")
+
+    @property
+    def exclusion_wait_ms(self) -> int:
+        """How long after the last grant to X the leader may commit a
+        generation without X: X's lease of ``lease_ms`` on a clock up to
+        ``drift`` slow, measured on a clock up to ``drift`` fast."""
+        return int(self.lease_ms * (1 + self.drift) ** 2 + 0.999)
+
+
+# --- messages -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A node outside the generation caught up from a donor to within ``lag_ms``."""
+    node: int
+    lag_ms: int
+
+
+@dataclass(frozen=True)
+class OnlineRequest:
+    """A RECOVERY member reached its donor's marker of generation ``num``."""
+    node: int
+    num: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """Every ``heartbeat_ms`` from every node to every peer (GENERATIONS.md 6).
+
+    ``sent_ms`` is the sender's clock: with ``lease`` it asks the leader for a
+    read lease starting then. ``echo`` is the (term, round) of the last
+    leader Status it received. ``answers`` answer the leader's ``resolving``:
+    (gid, 'p'|'n'). The leader fills ``round`` and ``resolving``."""
+    node: int
+    sent_ms: int
+    term: int
+    gen: int
+    applied: int
+    sees: frozenset[int]
+    lag_ms: int = 0
+    fresh: bool = False
+    join: JoinRequest | None = None
+    online: OnlineRequest | None = None
+    prepared_old: frozenset[str] = frozenset()
+    answers: tuple[tuple[str, str], ...] = ()
+    echo: tuple[int, int] = (0, 0)
+    lease: bool = False
+    round: int = 0
+    resolving: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """The leader confirmed the Status ``node`` sent at ``sent_ms`` (its clock)."""
+    node: int
+    sent_ms: int
+    term: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    proposals: tuple = ()
+    grants: tuple[LeaseGrant, ...] = ()
+    round: int = 0
+    resolving: tuple[str, ...] = ()
+
+
+# --- failure detector -----------------------------------------------------------------------------
+
+class FailureDetector:
+    def __init__(self, self_id: int, peers, now_ms: int, *, suspect_ms: int = 500,
+                 lag_threshold_ms: int = 100, grace_ms: int | None = None) -> None:
+        self.self_id = self_id
+        self.suspect_ms = suspect_ms
+        self.lag_threshold_ms = lag_threshold_ms
+        self.grace_ms = suspect_ms if grace_ms is None else grace_ms
+        # A node that just started has heard nobody yet: everyone gets a
+        # full suspect period.
+        self.last_heard: dict[int, int] = {p: now_ms for p in peers if p != self_id}
+        self.lag_ms = 0
+        self.quiet_until = now_ms
+
+    def heard_from(self, peer: int, now_ms: int) -> None:
+        if peer in self.last_heard and now_ms > self.last_heard[peer]:
+            self.last_heard[peer] = now_ms
+
+    def loop_tick(self, expected_ms: int, actual_ms: int) -> None:
+        """The heartbeat timer meant to wake at ``expected_ms`` woke at
+        ``actual_ms`` (a stall, an overloaded loop, a clock step)."""
+        self.lag_ms = max(0, actual_ms - expected_ms)
+        if self.lag_ms > self.lag_threshold_ms:
+            self.quiet_until = max(self.quiet_until, actual_ms + self.grace_ms)
+
+    def quiet(self, now_ms: int) -> bool:
+        """True while this node's own lag makes silences meaningless."""
+        return now_ms < self.quiet_until
+
+    def suspects(self, now_ms: int) -> frozenset[int]:
+        if self.quiet(now_ms):
+            return frozenset()
+        return frozenset(p for p, t in self.last_heard.items() if now_ms - t > self.suspect_ms)
+
+    def sees(self, now_ms: int) -> frozenset[int]:
+        return frozenset(self.last_heard) - self.suspects(now_ms)
+
+
+# --- read lease -------------------------------------------------------------------------------------
+
+class ReadLease:
+    def __init__(self, lease_ms: int = 300) -> None:
+        self.lease_ms = lease_ms
+        self.until: int | None = None
+
+    def granted(self, sent_ms: int) -> None:
+        end = sent_ms + self.lease_ms
+        if self.until is None or end > self.until:
+            self.until = end
+
+    def valid(self, now_ms: int) -> bool:
+        return self.until is not None and now_ms < self.until
+
+    def revoke(self) -> None:
+        self.until = None
+
+
+def user_status(gen_status: str, *, lease_valid: bool, catching_up: bool = False,
+                disabled: bool = False) -> str:
+    """What ``mtm.status()`` shows: online, recovery, catchup, isolated, disabled."""
+    if disabled:
+        return "disabled"
+    if gen_status == ONLINE:
+        return "online" if lease_valid else "isolated"
+    if gen_status == RECOVERY:
+        return "recovery"
+    assert gen_status == DEAD
+    return "catchup" if catching_up else "isolated"
+
+
+# --- the leader's policy ------------------------------------------------------------------------------
+
+@dataclass
+class _Inflight:
+    entry: object
+    at_ms: int
+    index: int
+
+
+@dataclass
+class _LeaderState:
+    term: int
+    since_ms: int
+    round: int = 0
+    requests: dict = field(default_factory=dict)    # node -> [(sent_ms, rx_ms, need_round)]
+    granted_rx: dict = field(default_factory=dict)  # node -> rx of the last Status granted
+    inflight: dict = field(default_factory=dict)    # key -> _Inflight
+    answers: dict = field(default_factory=dict)     # gid -> {node: 'p'|'n'}
+    gen_seen: tuple[int, int] = (0, 0)              # (gen num, when this leader saw it)
+
+
+MAX_PENDING_LEASE_REQUESTS = 8
+
+
+class LeaderPolicy:
+    """The shell calls ``on_status`` for every Status (its own too), ``tick``
+    every heartbeat (it returns an empty Plan unless ``leader``), and
+    ``proposed`` for each entry of the plan it got into the log."""
+
+    def __init__(self, self_id: int, voters, now_ms: int,
+                 config: PolicyConfig | None = None) -> None:
+        self.self_id = self_id
+        self.voters = frozenset(voters)
+        self.config = config or PolicyConfig()
+        self.started_ms = now_ms
+        self.statuses: dict[int, tuple[Status, int]] = {}     # node -> (latest, rx)
+        self.connected_since: dict[int, int] = {}
+        self.excluding: frozenset[int] = frozenset()
+        self._lead: _LeaderState | None = None
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def on_status(self, st: Status, now_ms: int) -> None:
+        self.statuses[st.node] = (st, now_ms)
+        ld = self._lead
+        if ld is None:
+            return
+        if st.lease:
+            q = ld.requests.setdefault(st.node, [])
+            q.append((st.sent_ms, now_ms, ld.round + 1))
+            del q[:-MAX_PENDING_LEASE_REQUESTS]
+        for gid, a in st.answers:
+            ld.answers.setdefault(gid, {})[st.node] = a
+
+    def proposed(self, entry, index: int, now_ms: int) -> None:
+        if self._lead is not None:
+            self._lead.inflight[_key(entry)] = _Inflight(entry, now_ms, index)
+
+    @property
+    def leader_since_ms(self) -> int | None:
+        return None if self._lead is None else self._lead.since_ms
+
+    def can_exclude(self, node: int, now_ms: int) -> bool:
+        """May a generation without ``node`` be proposed now (its lease)?"""
+        ld = self._lead
+        wait = self.config.exclusion_wait_ms
+        if ld is None or now_ms - ld.since_ms < wait:
+            return False
+        rx = ld.granted_rx.get(node)
+        return rx is None or now_ms - rx >= wait
+
+    # -- the plan ------------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int, state: GenState, fd: FailureDetector, *, leader: bool,
+             term: int) -> Plan:
+        if not leader:
+            self._lead = None
+            self.excluding = frozenset()
+            return Plan()
+        ld = self._lead
+        if ld is None or ld.term != term:
+            ld = self._lead = _LeaderState(term, now_ms)
+        ld.round += 1
+        if ld.gen_seen[0] != state.gen.num:
+            ld.gen_seen = (state.gen.num, now_ms)
+        self._drop_applied(ld, state, now_ms)
+        proposals: list = []
+        self._plan_gen(ld, now_ms, state, fd, proposals)
+        grants = self._grants(ld, state, term)
+        self._plan_online(ld, state, proposals)
+        resolving = self._plan_decisions(ld, state, proposals)
+        self._plan_forget(ld, state, proposals)
+        return Plan(tuple(proposals), grants, ld.round, resolving)
+
+    def _drop_applied(self, ld: _LeaderState, state: GenState, now_ms: int) -> None:
+        timeout = self.config.proposal_timeout_ms
+        for k, f in list(ld.inflight.items()):
+            if f.index <= state.index or now_ms - f.at_ms >= timeout:
+                del ld.inflight[k]
+
+    def _recent(self, node: int, now_ms: int) -> Status | None:
+        s = self.statuses.get(node)
+        if s is None or now_ms - s[1] > self.config.suspect_ms:
+            return None
+        return s[0]
+
+    def _plan_gen(self, ld: _LeaderState, now_ms: int, state: GenState, fd: FailureDetector,
+                  out: list) -> None:
+        cfg = self.config
+        gen = state.gen
+        sees_self = fd.sees(now_ms)
+        alive = sees_self | {self.self_id}
+        recent = {n: self._recent(n, now_ms) for n in gen.configured if n != self.self_id}
+        own = self.statuses.get(self.self_id)
+        recent[self.self_id] = own[0] if own is not None else None
+
+        def sees(a: int) -> frozenset[int]:
+            if a == self.self_id:
+                return sees_self
+            st = recent.get(a)
+            return st.sees if st is not None else frozenset()
+
+        def mutual(a: int, b: int) -> bool:
+            return b in sees(a) and a in sees(b)
+
+        # Non-members: how long each has been connected to every member.
+        for j in gen.configured - gen.members:
+            if j in alive and all(mutual(j, m) for m in gen.members if m in alive) \
+                    and gen.members <= alive:
+                self.connected_since.setdefault(j, now_ms)
+            else:
+                self.connected_since.pop(j, None)
+        for m in gen.members:
+            self.connected_since.pop(m, None)
+
+        stuck = frozenset()
+        if now_ms - ld.gen_seen[1] >= cfg.recovery_timeout_ms:
+            stuck = frozenset(m for m in gen.members if state.status(m) == RECOVERY)
+        cand = sorted((gen.members & alive) - stuck)
+        clique = _best_clique(cand, mutual, state)
+        # A member that restarted while ONLINE lost its commit cores' memory
+        # of this generation's transactions: a new generation makes them
+        # earlier-generation ones, which the cluster decides.
+        fresh = any(st is not None and st.fresh and st.gen == gen.num
+                    and state.status(m) == ONLINE
+                    for m, st in ((m, recent.get(m)) for m in clique))
+        if clique != gen.members or fresh:
+            self.excluding = gen.members - clique
+        else:
+            self.excluding = frozenset()
+        if fd.quiet(now_ms) or "gen" in ld.inflight:
+            return
+        if now_ms - self.started_ms < cfg.suspect_ms:
+            return      # statuses not collected for a full suspect period yet
+        if clique != gen.members or fresh:
+            if len(clique) < majority(len(gen.configured)):
+                return
+            if not all(self.can_exclude(x, now_ms) for x in self.excluding):
+                return
+            donors = state.donors_for(clique)
+            if donors:
+                out.append(Gen(gen.num + 1, clique, gen.configured, donors))
+            return
+        if not state.may_commit():
+            return
+        for j in sorted(gen.configured - gen.members):
+            st = recent.get(j)
+            since = self.connected_since.get(j)
+            if st is None or since is None or now_ms - since < cfg.restable_ms:
+                continue
+            if st.join is None or st.join.lag_ms > cfg.join_lag_ms or st.gen != gen.num:
+                continue
+            members = gen.members | {j}
+            donors = state.donors_for(members)
+            if donors:
+                out.append(Gen(gen.num + 1, members, gen.configured, donors))
+                return
+
+    def _grants(self, ld: _LeaderState, state: GenState, term: int) -> tuple:
+        # The highest round a quorum of voters has echoed in this term.
+        echoes = []
+        for v in self.voters:
+            if v == self.self_id:
+                echoes.append(ld.round)
+                continue
+            s = self.statuses.get(v)
+            st = s[0] if s is not None else None
+            ok = st is not None and st.term == term and st.echo[0] == term
+            echoes.append(st.echo[1] if ok else 0)
+        echoes.sort(reverse=True)
+        confirmed = echoes[majority(len(echoes)) - 1]
+        out = []
+        gen = state.gen
+        for node, q in ld.requests.items():
+            best = None
+            while q and q[0][2] <= confirmed:
+                best = q.pop(0)
+            if best is None:
+                continue
+            st = self.statuses.get(node)
+            if node not in gen.members or state.status(node) != ONLINE \
+                    or node in self.excluding or st is None or st[0].gen != gen.num:
+                continue
+            sent_ms, rx_ms, _ = best
+            ld.granted_rx[node] = max(ld.granted_rx.get(node, rx_ms), rx_ms)
+            out.append(LeaseGrant(node, sent_ms, term))
+        return tuple(out)
+
+    def _plan_online(self, ld: _LeaderState, state: GenState, out: list) -> None:
+        gen = state.gen
+        for m in sorted(gen.members):
+            if state.status(m) != RECOVERY:
+                continue
+            s = self.statuses.get(m)
+            req = s[0].online if s is not None else None
+            if req is not None and req.num == gen.num:
+                e = Online(m, gen.num)
+                if _key(e) not in ld.inflight:
+                    out.append(e)
+
+    def _plan_decisions(self, ld: _LeaderState, state: GenState, out: list) -> tuple:
+        num = state.gen.num
+        undecided = set()
+        for st, _ in self.statuses.values():
+            for gid in st.prepared_old:
+                if ":" in gid:
+                    continue    # a client's own PREPARE TRANSACTION: held, not in doubt
+                g = gid_gen(gid)
+                if g is not None and g < num and state.decision(gid) is None:
+                    undecided.add(gid)
+        for gid in list(ld.answers):
+            if gid not in undecided:
+                del ld.answers[gid]
+        resolving = tuple(sorted(undecided, key=_gid_order)[:self.config.max_resolving])
+        for gid in resolving:
+            if ("decide", gid) in ld.inflight:
+                continue
+            commit = self.decide(gid, state, ld.answers.get(gid, {}))
+            if commit is not None:
+                out.append(Decide(gid, commit))
+        return resolving
+
+    @staticmethod
+    def decide(gid: str, state: GenState, answers: dict[int, str]) -> bool | None:
+        """GENERATIONS.md section 5: any precommit -> commit; a precommit
+        majority impossible -> abort; else not yet (None)."""
+        if any(a == PRECOMMIT_HELD for a in answers.values()):
+            return True
+        g = gid_gen(gid)
+        d = state.gen_def(g) if g is not None else None
+        if d is None:
+            # Forgotten generation: no member set, count answers only.
+            members = configured = state.gen.configured
+        else:
+            members, configured = d
+        fenced = (configured - members) | {n for n, a in answers.items()
+                                           if a == NO_PRECOMMIT and n in configured}
+        if len(configured - fenced) < majority(len(configured)):
+            return False
+        return None
+
+    def _plan_forget(self, ld: _LeaderState, state: GenState, out: list) -> None:
+        if "forget" in ld.inflight:
+            return
+        decisions = state.decisions()
+        if not decisions:
+            return
+        sts = []
+        for n in state.gen.configured:
+            s = self.statuses.get(n)
+            if s is None or s[0].gen != state.gen.num:
+                return
+            sts.append(s[0])
+        done = []
+        for gid in sorted(decisions, key=_gid_order):
+            i = state.decision_index(gid)
+            if i < state.gen_index and all(st.applied >= i and gid not in st.prepared_old
+                                           for st in sts):
+                done.append(gid)
+                if len(done) >= self.config.max_forget:
+                    break
+        if done:
+            out.append(Forget(tuple(done)))
+
+
+def _key(entry) -> object:
+    cls = entry.__class__
+    if cls is Gen:
+        return "gen"
+    if cls is Online:
+        return ("online", entry.node, entry.num)
+    if cls is Decide:
+        return ("decide", entry.gid)
+    if cls is Forget:
+        return "forget"
+    raise TypeError(entry)
+
+
+def _gid_order(gid: str) -> tuple:
+    return (gid_gen(gid) or 0, gid)
+
+
+def _best_clique(cand: list[int], mutual, state: GenState) -> frozenset[int]:
+    """The largest set of mutually connected candidates; ties: the one with
+    donors, then more ONLINE nodes, then the smallest ids. Candidates are
+    at most the configured nodes (a handful): all subsets are tried."""
+    online = state.online_members()
+    for size in range(len(cand), 0, -1):
+        best = None
+        for combo in combinations(cand, size):
+            if all(mutual(a, b) for a, b in combinations(combo, 2)):
+                s = frozenset(combo)
+                key = (bool(state.donors_for(s)), len(s & online))
+                if best is None or key > best[0]:
+                    best = (key, s)
+        if best is not None:
+            return best[1]
+    return frozenset()

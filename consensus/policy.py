@@ -37,8 +37,14 @@ Rules of the policy (GENERATIONS.md sections 5 and 6):
   excluded node is ``exclusion_wait_ms = lease_ms * (1 + drift)**2`` old
   (counted from the receipt of the Status it answered, which X sent
   earlier) and it has led that long itself (grants of earlier leaders
-  were confirmed by a quorum before this leader's election). So X stops
-  reading before a generation without it can commit.
+  were confirmed by a quorum before this leader's election). A leader
+  grants only once it has applied an entry of its own term, and never to
+  a node that a Gen in its log (committed or not, not yet applied) leaves
+  out. So once a Gen without X is proposed, every later grant to X comes
+  from a leader that has the Gen in its log and refuses, or from one whose
+  own-term commit made that Gen impossible (a log holding an entry of its
+  term cannot hold an entry of an earlier term after it): X stops reading
+  before a generation without it can commit.
 - **Joining.** One joiner per generation, only when every member is ONLINE
   (``may_commit``), once the joiner has been mutually connected with every
   member for ``restable_ms`` (2 x suspect) and reports its catch-up within
@@ -85,6 +91,7 @@ class PolicyConfig:
     lag_threshold_ms: int = 100
     join_lag_ms: int = 1000
     restable_ms: int = 1000        # 2 x suspect
+    clique_grace_ms: int = 250
     recovery_timeout_ms: int = 3000
     proposal_timeout_ms: int = 1000
     max_resolving: int = 64
@@ -279,6 +286,7 @@ class LeaderPolicy:
         self.statuses: dict[int, tuple[Status, int]] = {}     # node -> (latest, rx)
         self.connected_since: dict[int, int] = {}
         self.excluding: frozenset[int] = frozenset()
+        self.broken_since: int | None = None
         self._lead: _LeaderState | None = None
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -315,7 +323,12 @@ class LeaderPolicy:
     # -- the plan ------------------------------------------------------------------------------------
 
     def tick(self, now_ms: int, state: GenState, fd: FailureDetector, *, leader: bool,
-             term: int) -> Plan:
+             term: int, log_ready: bool = False, pending=()) -> Plan:
+        """The plan for this heartbeat. ``log_ready``: this leader has applied
+        an entry of its own term (its ``state`` is the cluster's, and no
+        entry of an earlier term that its log lacks can commit any more).
+        ``pending``: the generation entries in its log after the applied
+        index (decoded), committed or not: a Gen there may still commit."""
         if not leader:
             self._lead = None
             self.excluding = frozenset()
@@ -324,12 +337,20 @@ class LeaderPolicy:
         if ld is None or ld.term != term:
             ld = self._lead = _LeaderState(term, now_ms)
         ld.round += 1
+        if not log_ready:
+            return Plan(round=ld.round)
         if ld.gen_seen[0] != state.gen.num:
             ld.gen_seen = (state.gen.num, now_ms)
         self._drop_applied(ld, state, now_ms)
+        pending_gens = [e for e in pending if e.__class__ is Gen and e.num > state.gen.num]
         proposals: list = []
-        self._plan_gen(ld, now_ms, state, fd, proposals)
-        grants = self._grants(ld, state, term)
+        self._plan_gen(ld, now_ms, state, fd, proposals, bool(pending_gens))
+        # Whoever a Gen in the log leaves out gets no lease: that Gen may
+        # commit at any moment (it waited out the leases when proposed).
+        unsafe = set(self.excluding)
+        for g in pending_gens:
+            unsafe |= state.gen.members - g.members
+        grants = self._grants(ld, state, term, unsafe)
         self._plan_online(ld, state, proposals)
         resolving = self._plan_decisions(ld, state, proposals)
         self._plan_forget(ld, state, proposals)
@@ -348,7 +369,7 @@ class LeaderPolicy:
         return s[0]
 
     def _plan_gen(self, ld: _LeaderState, now_ms: int, state: GenState, fd: FailureDetector,
-                  out: list) -> None:
+                  out: list, gen_pending: bool) -> None:
         cfg = self.config
         gen = state.gen
         sees_self = fd.sees(now_ms)
@@ -380,7 +401,23 @@ class LeaderPolicy:
         if now_ms - ld.gen_seen[1] >= cfg.recovery_timeout_ms:
             stuck = frozenset(m for m in gen.members if state.status(m) == RECOVERY)
         cand = sorted((gen.members & alive) - stuck)
-        clique = _best_clique(cand, mutual, state)
+        if all(mutual(a, b) for a, b in combinations(cand, 2)):
+            clique = frozenset(cand)          # only silent (or stuck) members are out
+            self.broken_since = None
+        else:
+            # Members that see the leader but not each other. Detectors
+            # notice a crash at slightly different times (clocks, heartbeat
+            # phases): a clique broken only because one member suspected a
+            # dead peer first must not cost a live member its place. Act on
+            # a broken clique once it has lasted ``clique_grace_ms``.
+            if self.broken_since is None:
+                self.broken_since = now_ms
+            if now_ms - self.broken_since < cfg.clique_grace_ms:
+                clique = gen.members
+            else:
+                heard = fd.last_heard
+                clique = _best_clique(cand, mutual, state,
+                                      lambda n: heard.get(n, now_ms))
         # A member that restarted while ONLINE lost its commit cores' memory
         # of this generation's transactions: a new generation makes them
         # earlier-generation ones, which the cluster decides.
@@ -391,7 +428,7 @@ class LeaderPolicy:
             self.excluding = gen.members - clique
         else:
             self.excluding = frozenset()
-        if fd.quiet(now_ms) or "gen" in ld.inflight:
+        if fd.quiet(now_ms) or gen_pending or "gen" in ld.inflight:
             return
         if now_ms - self.started_ms < cfg.suspect_ms:
             return      # statuses not collected for a full suspect period yet
@@ -419,7 +456,7 @@ class LeaderPolicy:
                 out.append(Gen(gen.num + 1, members, gen.configured, donors))
                 return
 
-    def _grants(self, ld: _LeaderState, state: GenState, term: int) -> tuple:
+    def _grants(self, ld: _LeaderState, state: GenState, term: int, unsafe) -> tuple:
         # The highest round a quorum of voters has echoed in this term.
         echoes = []
         for v in self.voters:
@@ -442,7 +479,7 @@ class LeaderPolicy:
                 continue
             st = self.statuses.get(node)
             if node not in gen.members or state.status(node) != ONLINE \
-                    or node in self.excluding or st is None or st[0].gen != gen.num:
+                    or node in unsafe or st is None or st[0].gen != gen.num:
                 continue
             sent_ms, rx_ms, _ = best
             ld.granted_rx[node] = max(ld.granted_rx.get(node, rx_ms), rx_ms)
@@ -543,17 +580,19 @@ def _gid_order(gid: str) -> tuple:
     return (gid_gen(gid) or 0, gid)
 
 
-def _best_clique(cand: list[int], mutual, state: GenState) -> frozenset[int]:
+def _best_clique(cand: list[int], mutual, state: GenState, heard) -> frozenset[int]:
     """The largest set of mutually connected candidates; ties: the one with
-    donors, then more ONLINE nodes, then the smallest ids. Candidates are
-    at most the configured nodes (a handful): all subsets are tried."""
+    donors, then more ONLINE nodes, then the one whose least recently heard
+    member was heard last (the others are likelier the dead), then the
+    smallest ids. Candidates are at most the configured nodes (a handful):
+    all subsets are tried."""
     online = state.online_members()
     for size in range(len(cand), 0, -1):
         best = None
         for combo in combinations(cand, size):
             if all(mutual(a, b) for a, b in combinations(combo, 2)):
                 s = frozenset(combo)
-                key = (bool(state.donors_for(s)), len(s & online))
+                key = (bool(state.donors_for(s)), len(s & online), min(heard(n) for n in s))
                 if best is None or key > best[0]:
                     best = (key, s)
         if best is not None:

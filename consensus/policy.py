@@ -73,6 +73,7 @@ Rules of the policy (GENERATIONS.md sections 5 and 6):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -175,6 +176,106 @@ class Plan:
     grants: tuple[LeaseGrant, ...] = ()
     round: int = 0
     resolving: tuple[str, ...] = ()
+
+
+# --- wire codec ----------------------------------------------------------------------------------
+
+WIRE_VERSION = 1
+
+
+class PolicyDecodeError(ValueError):
+    """Bytes that are not a Status or LeaseGrant of this version."""
+
+
+def encode_message(m) -> bytes:
+    """Status or LeaseGrant as compact JSON with a type tag and a version."""
+    if m.__class__ is LeaseGrant:
+        d = {"t": "grant", "node": m.node, "sent_ms": m.sent_ms, "term": m.term}
+    elif m.__class__ is Status:
+        d = {"t": "status", "node": m.node, "sent_ms": m.sent_ms, "term": m.term,
+             "gen": m.gen, "applied": m.applied, "sees": sorted(m.sees), "lag_ms": m.lag_ms,
+             "fresh": m.fresh,
+             "join": None if m.join is None else [m.join.node, m.join.lag_ms],
+             "online": None if m.online is None else [m.online.node, m.online.num],
+             "prepared_old": sorted(m.prepared_old),
+             "answers": [[g, a] for g, a in m.answers], "echo": list(m.echo),
+             "lease": m.lease, "round": m.round, "resolving": list(m.resolving)}
+    else:
+        raise TypeError(f"not a policy message: {m!r}")
+    d["v"] = WIRE_VERSION
+    return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _n(v, what: str, lo: int = 0) -> int:
+    if type(v) is not int or v < lo:
+        raise PolicyDecodeError(f"{what}: expected an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _b(v, what: str) -> bool:
+    if type(v) is not bool:
+        raise PolicyDecodeError(f"{what}: expected a boolean, got {v!r}")
+    return v
+
+
+def _strs(v, what: str) -> list[str]:
+    if not isinstance(v, list) or any(not isinstance(x, str) or not x for x in v):
+        raise PolicyDecodeError(f"{what}: expected a list of strings, got {v!r}")
+    return v
+
+
+def _pair(v, what: str) -> list:
+    if not isinstance(v, list) or len(v) != 2:
+        raise PolicyDecodeError(f"{what}: expected a pair, got {v!r}")
+    return v
+
+
+def decode_message(data: bytes):
+    try:
+        d = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise PolicyDecodeError(f"not JSON ({exc})") from None
+    if not isinstance(d, dict) or d.get("v") != WIRE_VERSION or type(d.get("v")) is not int:
+        raise PolicyDecodeError(f"not a version {WIRE_VERSION} policy message")
+    t = d.get("t")
+    keys = {"grant": {"v", "t", "node", "sent_ms", "term"},
+            "status": {"v", "t", "node", "sent_ms", "term", "gen", "applied", "sees",
+                       "lag_ms", "fresh", "join", "online", "prepared_old", "answers", "echo",
+                       "lease", "round", "resolving"}}.get(t)
+    if keys is None:
+        raise PolicyDecodeError(f"unknown message type {t!r}")
+    if set(d) != keys:
+        raise PolicyDecodeError(f"{t}: fields {sorted(d)} (expected {sorted(keys)})")
+    if t == "grant":
+        return LeaseGrant(_n(d["node"], "node", 1), _n(d["sent_ms"], "sent_ms"),
+                          _n(d["term"], "term"))
+    sees = d["sees"]
+    if not isinstance(sees, list) or len(set(sees)) != len(sees):
+        raise PolicyDecodeError(f"sees: expected distinct node ids, got {sees!r}")
+    join = online = None
+    if d["join"] is not None:
+        a, b = _pair(d["join"], "join")
+        join = JoinRequest(_n(a, "join node", 1), _n(b, "join lag_ms"))
+    if d["online"] is not None:
+        a, b = _pair(d["online"], "online")
+        online = OnlineRequest(_n(a, "online node", 1), _n(b, "online num", 1))
+    answers = []
+    if not isinstance(d["answers"], list):
+        raise PolicyDecodeError("answers: expected a list")
+    for x in d["answers"]:
+        g, a = _pair(x, "answer")
+        if not isinstance(g, str) or a not in (PRECOMMIT_HELD, NO_PRECOMMIT):
+            raise PolicyDecodeError(f"answer: bad {x!r}")
+        answers.append((g, a))
+    e0, e1 = _pair(d["echo"], "echo")
+    return Status(_n(d["node"], "node", 1), _n(d["sent_ms"], "sent_ms"), _n(d["term"], "term"),
+                  _n(d["gen"], "gen", 1), _n(d["applied"], "applied"),
+                  frozenset(_n(x, "sees", 1) for x in sees), _n(d["lag_ms"], "lag_ms"),
+                  fresh=_b(d["fresh"], "fresh"), join=join, online=online,
+                  prepared_old=frozenset(_strs(d["prepared_old"], "prepared_old")),
+                  answers=tuple(answers), echo=(_n(e0, "echo term"), _n(e1, "echo round")),
+                  lease=_b(d["lease"], "lease"), round=_n(d["round"], "round"),
+                  resolving=tuple(_strs(d["resolving"], "resolving")))
 
 
 # --- failure detector -----------------------------------------------------------------------------

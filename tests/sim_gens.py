@@ -106,6 +106,8 @@ from consensus.gens import (ONLINE, RECOVERY, BecomeOnline, DecisionMade,  # noq
                             gid_gen, majority)
 from consensus.policy import (FailureDetector, JoinRequest, LeaderPolicy,  # noqa: E402
                               LeaseGrant, OnlineRequest, PolicyConfig, ReadLease, Status)
+from consensus.policy import decode_message as decode_policy_message  # noqa: E402
+from consensus.policy import encode_message as encode_policy_message  # noqa: E402
 from consensus.raft import (ConfChange, ConfChangeRefused, ConfChangeType,  # noqa: E402
                             EntryType, Message, NotLeader, ProposalDropped, RaftNode, Role,
                             decode_conf_change, decode_message, encode_message)
@@ -309,10 +311,16 @@ class Sim:
         r = self.rng
         if self.faults_on and r.random() < self.f.drop:
             return
-        if msg.__class__ is Message and r.random() < 0.02:
-            back = decode_message(encode_message(msg))
+        if r.random() < 0.02:                        # through the wire codecs now and then
+            cls = msg.__class__
+            if cls is Message:
+                back = decode_message(encode_message(msg))
+            elif cls is Status or cls is LeaseGrant:
+                back = decode_policy_message(encode_policy_message(msg))
+            else:
+                back = msg
             if back != msg:
-                self.fail(f"raft codec changed {msg} into {back}")
+                self.fail(f"codec changed {msg} into {back}")
             msg = back
         copies = 2 if self.faults_on and r.random() < self.f.dup else 1
         for _ in range(copies):
@@ -1275,7 +1283,12 @@ def run_seeds(seeds, verbose: bool = False) -> dict:
     worst: dict = {}
     n = 0
     for seed in seeds:
-        stats = Sim(seed, verbose=verbose).run()
+        try:
+            stats = Sim(seed, verbose=verbose).run()
+        except SimFailure:
+            raise
+        except Exception as exc:     # a core's own invariant, a crash of the simulator
+            raise SimFailure(f"seed {seed}: {type(exc).__name__}: {exc}") from exc
         n += 1
         for k, v in stats.items():
             if k.endswith("_ms"):

@@ -131,7 +131,8 @@ STABLE_MS = 5 * TICK_MS        # how long "converged" must hold before the liven
 PHANTOM = 99                  # a learner that never answers (conf changes, invariant 13)
 
 # event kinds
-K_TIMER, K_MSG, K_STREAM, K_WRITE, K_RESTART, K_FAULT, K_CLIENT, K_READ, K_RECOVER = range(9)
+(K_TIMER, K_MSG, K_STREAM, K_WRITE, K_RESTART, K_FAULT, K_CLIENT, K_READ, K_RECOVER,
+ K_UNSTALL) = range(10)
 
 
 class SimFailure(AssertionError):
@@ -193,6 +194,7 @@ class Node:
         self.offset = r.randrange(1_000_000)
         self.rate = r.uniform(0.96, 1.04) if sim.f.clock_rates else 1.0
         self.stall_until = 0
+        self.deferred: list[tuple] = []           # events that wait for the stall to end
         # the process
         self.up = False
         self.lives = 0
@@ -277,7 +279,7 @@ class Sim:
         self.lost_clients: set[str] = set()
         self.answered_n: set[tuple[int, str]] = set()
         self.stats: dict[str, int] = {}
-        self.settled_since: int | None = None
+        self.settled_since: tuple | None = None
         self.nodes = {i: Node(self, i) for i in self.ids}
         for node in self.nodes.values():
             self.start(node)
@@ -301,17 +303,32 @@ class Sim:
     def stalled(self, node: Node, kind: int, a, b, c) -> bool:
         """A slow node: what is due for it waits until its loop runs again."""
         if node.stall_until > self.now:
-            self.push(node.stall_until, kind, a, b, c)
+            node.deferred.append((kind, a, b, c))
             return True
         return False
+
+    def stall(self, node: Node, until: int) -> None:
+        node.stall_until = max(node.stall_until, until)
+        self.push(node.stall_until, K_UNSTALL, node.id)
+
+    def on_unstall(self, nid, _b, _c) -> None:
+        node = self.nodes[nid]
+        if self.now < node.stall_until:
+            return                                 # extended meanwhile
+        node.stall_until = 0
+        events, node.deferred = node.deferred, []
+        for kind, a, b, c in events:               # in their order, now
+            self.push(self.now, kind, a, b, c)
 
     def send(self, src: int, dst: int, msg) -> None:
         if dst not in self.nodes:
             return                                   # the phantom learner
-        r = self.rng
-        if self.faults_on and r.random() < self.f.drop:
+        rnd = self.rng.random
+        f = self.f
+        faults = self.faults_on
+        if faults and rnd() < f.drop:
             return
-        if r.random() < 0.02:                        # through the wire codecs now and then
+        if rnd() < 0.02:                             # through the wire codecs now and then
             cls = msg.__class__
             if cls is Message:
                 back = decode_message(encode_message(msg))
@@ -322,12 +339,12 @@ class Sim:
             if back != msg:
                 self.fail(f"codec changed {msg} into {back}")
             msg = back
-        copies = 2 if self.faults_on and r.random() < self.f.dup else 1
-        for _ in range(copies):
-            delay = r.randint(1, 4)
-            if self.faults_on and r.random() < self.f.delay_p:
-                delay += r.randint(0, self.f.delay_max)
-            self.push(self.now + delay, K_MSG, src, dst, msg)
+        for _ in range(2 if faults and rnd() < f.dup else 1):
+            delay = 1 + int(rnd() * 4)
+            if faults and rnd() < f.delay_p:
+                delay += int(rnd() * (f.delay_max + 1))
+            self.seq += 1
+            heapq.heappush(self.heap, (self.now + delay, self.seq, K_MSG, src, dst, msg))
 
     # -- process life --------------------------------------------------------------------------------
 
@@ -750,7 +767,7 @@ class Sim:
     def wake(self, rid: int, oid: int) -> None:
         if (rid, oid) not in self.stream_pending:
             self.stream_pending.add((rid, oid))
-            self.push(self.now + self.rng.randint(1, 8), K_STREAM, rid, oid)
+            self.push(self.now + 1 + int(self.rng.random() * 8), K_STREAM, rid, oid)
 
     def on_stream(self, rid, oid, _c) -> None:
         self.stream_pending.discard((rid, oid))
@@ -759,7 +776,7 @@ class Sim:
             return                     # woken again by the restart or the heal
         if node.stall_until > self.now:
             self.stream_pending.add((rid, oid))
-            self.push(node.stall_until, K_STREAM, rid, oid)
+            node.deferred.append((K_STREAM, rid, oid, None))
             return
         wal = self.nodes[oid].wal
         for _ in range(self.rng.randint(1, 4)):
@@ -1072,7 +1089,7 @@ class Sim:
                           n.timer_gen)
         if r.random() < f.stall:
             n = self.nodes[r.choice(self.ids)]
-            n.stall_until = max(n.stall_until, self.now + r.choice((50, 150, 400, 900, 1500)))
+            self.stall(n, self.now + r.choice((50, 150, 400, 900, 1500)))
             self.count("stalls")
             self.log(f"node {n.id} stalls until {n.stall_until}")
 
@@ -1179,7 +1196,8 @@ class Sim:
         self.faults_on = False
         self.blocked = set()
         for node in self.nodes.values():
-            node.stall_until = min(node.stall_until, self.now)
+            node.stall_until = self.now
+            self.on_unstall(node.id, None, None)
         for node in self.nodes.values():
             if not node.up:
                 self.start(node)
@@ -1189,27 +1207,27 @@ class Sim:
     def converged(self) -> bool:
         """Settled, and for ``STABLE_MS``: one generation of every node, all
         ONLINE, nothing prepared or in flight, and the leader plans nothing."""
-        if not self._settled():
+        lead = self._settled()
+        if lead is None:
             self.settled_since = None
             return False
-        if self.settled_since is None:
-            self.settled_since = self.now
-        return self.now - self.settled_since >= STABLE_MS
+        who = (lead.id, lead.core.term)
+        if self.settled_since is None or self.settled_since[0] != who:
+            self.settled_since = (who, self.now)
+        return self.now - self.settled_since[1] >= STABLE_MS
 
-    def _settled(self) -> bool:
+    def _settled(self) -> Node | None:
         lead = self.leader()
-        if lead is None:
-            return False
+        if lead is None or lead.policy.leader_since_ms is None or lead.policy.excluding:
+            return None
         num = lead.gens.gen.num
         if lead.gens.gen.members != self.configured or not lead.gens.may_commit():
-            return False
-        if lead.policy.excluding:
-            return False
+            return None
         for n in self.nodes.values():
             if not n.up or n.gens.gen.num != num or not n.online() or n.prepared \
                     or n.coord.txns or n.writes or n.core.term > lead.core.term:
-                return False
-        return True
+                return None
+        return lead
 
     def run(self) -> dict:
         self.push(self.rng.randint(0, 50), K_CLIENT)
@@ -1274,7 +1292,7 @@ class Sim:
 Sim.HANDLERS = {
     K_TIMER: Sim.on_timer, K_MSG: Sim.on_msg, K_STREAM: Sim.on_stream, K_WRITE: Sim.on_write,
     K_RESTART: Sim.on_restart, K_FAULT: Sim.on_fault, K_CLIENT: Sim.on_client,
-    K_READ: Sim.on_read, K_RECOVER: Sim.on_recover}
+    K_READ: Sim.on_read, K_RECOVER: Sim.on_recover, K_UNSTALL: Sim.on_unstall}
 
 
 def run_seeds(seeds, verbose: bool = False) -> dict:

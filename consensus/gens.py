@@ -234,7 +234,7 @@ def decode_entry(data: bytes):
     raise GensDecodeError(f"generation entry: unknown type {t!r}")
 
 
-# --- effects for the shell -------------------------------------------------------------------------
+# --- effects for the shell ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SwitchTo:
@@ -293,6 +293,7 @@ class GenState:
         # their in-doubt transactions (policy.py)
         self._history: dict[int, tuple[frozenset[int], frozenset[int]]] = {
             1: (configured, configured)}
+        self._committable: set[int] = {1}     # of the generations in _history
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -309,7 +310,12 @@ class GenState:
         n = self.gen.num
         return frozenset(m for m in self.gen.members if self._last_online_in.get(m, 0) == n)
 
-    def may_commit(self) -> bool:
+    def may_commit(self, num: int | None = None) -> bool:
+        """Every member ONLINE in the current generation (``num`` None or
+        current); for an earlier ``num``: whether that generation came to
+        that, so could have commits (False once no longer remembered)."""
+        if num is not None and num != self.gen.num:
+            return num < self.gen.num and num in self._committable
         n = self.gen.num
         return all(self._last_online_in.get(m, 0) == n for m in self.gen.members)
 
@@ -392,12 +398,18 @@ class GenState:
             self._last_online_in[d] = e.num
         self._history[e.num] = (e.members, e.configured)
         while len(self._history) > self.history_max:
-            del self._history[min(self._history)]
+            old = min(self._history)
+            del self._history[old]
+            self._committable.discard(old)
         out: list = [SwitchTo(e, self.status())]
         if self.may_commit():
-            self.last_committable = e.num
+            self._became_committable()
             out.append(MayCommit(e.num))
         return out
+
+    def _became_committable(self) -> None:
+        self.last_committable = self.gen.num
+        self._committable.add(self.gen.num)
 
     def _apply_online(self, e: Online) -> list:
         if e.num != self.gen.num:
@@ -409,7 +421,7 @@ class GenState:
         self._last_online_in[e.node] = e.num
         out: list = [BecomeOnline(e.num)] if e.node == self.self_id else []
         if self.may_commit():
-            self.last_committable = e.num
+            self._became_committable()
             out.append(MayCommit(e.num))
         return out
 
@@ -433,7 +445,7 @@ class GenState:
         out += [DecisionMade(g, c) for g, (c, _) in sorted(self._decisions.items())]
         return out
 
-    # -- invariants ---------------------------------------------------------------------------------
+    # -- invariants --------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
         g = self.gen
@@ -447,20 +459,25 @@ class GenState:
             raise GensInvariantError("online in a generation after the current one")
         if any(self._last_online_in.get(d, 0) != g.num for d in g.donors):
             raise GensInvariantError("a donor is not online in its generation")
-        if self.may_commit() and self.last_committable != g.num:
+        if self.may_commit() and (self.last_committable != g.num
+                                  or g.num not in self._committable):
             raise GensInvariantError("may commit, but not recorded as committable")
+        if self._committable and max(self._committable) != self.last_committable \
+                and self.last_committable in self._history:
+            raise GensInvariantError("the last committable generation is not the last one "
+                                     "recorded as committable")
         if self.gen_index > self.index:
             raise GensInvariantError("current generation applied after the applied index")
         for gid, (_, i) in self._decisions.items():
             if i > self.index or (gid_gen(gid) or g.num) >= g.num:
                 raise GensInvariantError(f"decision for {gid} at {i}")
 
-    # -- snapshots ----------------------------------------------------------------------------------
+    # -- snapshots ---------------------------------------------------------------------------------
 
     def _key(self) -> tuple:
         return (self.index, self.gen, self.gen_index, sorted(self._last_online_in.items()),
                 self.last_committable, sorted(self._decisions.items()),
-                sorted(self._history.items()), self.history_max)
+                sorted(self._history.items()), sorted(self._committable), self.history_max)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, GenState) and self._key() == other._key()
@@ -474,7 +491,8 @@ class GenState:
              "last_online_in": sorted([n, v] for n, v in self._last_online_in.items()),
              "last_committable": self.last_committable,
              "decisions": sorted([gid, c, i] for gid, (c, i) in self._decisions.items()),
-             "history": sorted([n, _ids(m), _ids(c)] for n, (m, c) in self._history.items()),
+             "history": sorted([n, _ids(m), _ids(c), n in self._committable]
+                               for n, (m, c) in self._history.items()),
              "history_max": self.history_max}
         return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
 
@@ -505,9 +523,14 @@ class GenState:
                     raise GensDecodeError(f"{what}: bad decision {gid!r}")
                 s._decisions[_gid(gid, what)] = (c, i)
             s._history = {}
-            for n, m, c in d["history"]:
+            s._committable = set()
+            for n, m, c, committable in d["history"]:
                 s._history[_int({"n": n}, "n", what)] = (_idset({"m": m}, "m", what),
                                                          _idset({"c": c}, "c", what))
+                if type(committable) is not bool:
+                    raise GensDecodeError(f"{what}: bad history entry {n!r}")
+                if committable:
+                    s._committable.add(n)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, GensDecodeError):
                 raise

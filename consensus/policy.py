@@ -317,7 +317,7 @@ class FailureDetector:
         return frozenset(self.last_heard) - self.suspects(now_ms)
 
 
-# --- read lease -------------------------------------------------------------------------------------
+# --- read lease -----------------------------------------------------------------------------------
 
 class ReadLease:
     def __init__(self, lease_ms: int = 300) -> None:
@@ -349,7 +349,7 @@ def user_status(gen_status: str, *, lease_valid: bool, catching_up: bool = False
     return "catchup" if catching_up else "isolated"
 
 
-# --- the leader's policy ------------------------------------------------------------------------------
+# --- the leader's policy --------------------------------------------------------------------------
 
 @dataclass
 class _Inflight:
@@ -390,7 +390,7 @@ class LeaderPolicy:
         self.broken_since: int | None = None
         self._lead: _LeaderState | None = None
 
-    # -- inputs -------------------------------------------------------------------------------------
+    # -- inputs ------------------------------------------------------------------------------------
 
     def on_status(self, st: Status, now_ms: int) -> None:
         self.statuses[st.node] = (st, now_ms)
@@ -421,7 +421,7 @@ class LeaderPolicy:
         rx = ld.granted_rx.get(node)
         return rx is None or now_ms - rx >= wait
 
-    # -- the plan ------------------------------------------------------------------------------------
+    # -- the plan ----------------------------------------------------------------------------------
 
     def tick(self, now_ms: int, state: GenState, fd: FailureDetector, *, leader: bool,
              term: int, log_ready: bool = False, pending=()) -> Plan:

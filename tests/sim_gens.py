@@ -346,7 +346,7 @@ class Sim:
             self.seq += 1
             heapq.heappush(self.heap, (self.now + delay, self.seq, K_MSG, src, dst, msg))
 
-    # -- process life --------------------------------------------------------------------------------
+    # -- process life ------------------------------------------------------------------------------
 
     def start(self, node: Node) -> None:
         state = node.storage.load()
@@ -420,7 +420,7 @@ class Sim:
             self.log(f"restart {nid}")
             self.start(node)
 
-    # -- the Raft Ready loop, with crash points ------------------------------------------------------
+    # -- the Raft Ready loop, with crash points ----------------------------------------------------
 
     def drain(self, node: Node) -> None:
         while node.up and node.core.has_ready():
@@ -519,7 +519,7 @@ class Sim:
         if n > 1:
             self.fail(f"leader {node.id} has {n} uncommitted conf changes")
 
-    # -- generation effects ----------------------------------------------------------------------------
+    # -- generation effects ------------------------------------------------------------------------
 
     def effects(self, node: Node, effects: list) -> None:
         for e in effects:
@@ -752,7 +752,7 @@ class Sim:
                     self.fail(f"{g} and {gid} on key {key}: in one order on node {node.id}, "
                               f"the other on node {other.id}")
 
-    # -- streams -------------------------------------------------------------------------------------
+    # -- streams -----------------------------------------------------------------------------------
 
     def wake_streams(self, origin: Node) -> None:
         for rid in self.ids:
@@ -811,7 +811,7 @@ class Sim:
             self.finish(node, gid, commit, "stream")
             self.act(node, node.part.finished(gid, commit, prepared_here=True))
 
-    # -- recovery (catch-up from a donor's marker) -----------------------------------------------------
+    # -- recovery (catch-up from a donor's marker) -------------------------------------------------
 
     def maybe_recover(self, node: Node) -> None:
         g = node.gens.gen
@@ -877,7 +877,7 @@ class Sim:
                 self.decision(node, gid, c)
         self.wake_reader(node)
 
-    # -- the heartbeat -----------------------------------------------------------------------------------
+    # -- the heartbeat -----------------------------------------------------------------------------
 
     def on_timer(self, nid, tgen, _c) -> None:
         node = self.nodes[nid]
@@ -1018,7 +1018,7 @@ class Sim:
             if node.up:
                 self.act(node, node.part.receive(msg))
 
-    # -- clients ----------------------------------------------------------------------------------------
+    # -- clients -----------------------------------------------------------------------------------
 
     def on_client(self, _a, _b, _c) -> None:
         if not self.clients_on:
@@ -1062,7 +1062,7 @@ class Sim:
                           f"without it is committed")
         self.count("reads")
 
-    # -- faults -------------------------------------------------------------------------------------------
+    # -- faults ------------------------------------------------------------------------------------
 
     def on_fault(self, _a, _b, _c) -> None:
         if not self.faults_on:
@@ -1173,7 +1173,7 @@ class Sim:
                 best = n
         return best
 
-    # -- the run ------------------------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------------
 
     HANDLERS = None
 

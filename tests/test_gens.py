@@ -90,7 +90,7 @@ def test_gid_gen():
     assert gid_gen("user-gid") is None and gid_gen("MTM-x-1-2") is None
 
 
-# --- the state machine -------------------------------------------------------------------------------
+# --- the state machine ----------------------------------------------------------------------------
 
 def test_bootstrap_is_generation_1_with_everyone_online():
     s = GenState(2, C3)
@@ -114,6 +114,10 @@ def test_exclusion_then_rejoin_through_recovery():
     assert s.status(3) == RECOVERY and not s.may_commit() and s.last_committable == 2
     assert log(Online(3, 3)) == [BecomeOnline(3), MayCommit(3)]
     assert s.status(3) == ONLINE and s.may_commit() and s.last_committable == 3
+    assert s.may_commit(2) and s.may_commit(3) and not s.may_commit(4)
+    log(gen(s, {1, 3}))
+    log(gen(s, C3))                            # 2 recovering: 5 never could commit
+    assert s.may_commit(4) and not s.may_commit(5) and not s.may_commit()
     s.check_invariants()
 
 
@@ -336,7 +340,7 @@ def test_policy_message_codec():
             decode_message(json.dumps(broken).encode())
 
 
-# --- the leader's policy ------------------------------------------------------------------------------
+# --- the leader's policy --------------------------------------------------------------------------
 
 class Cluster:
     """A leader's view: its GenState, detector and policy, and the Statuses

@@ -25,7 +25,11 @@ Entries (``encode_entry``/``decode_entry``: JSON, a type tag and a version):
   *earlier* generation (GENERATIONS.md section 5). The first decision for a
   gid stands; later ones, and decisions for a transaction of the current or
   a later generation, are no-ops.
-- ``Forget(gids)``: drop decisions every node has carried out.
+- ``Forget(gids)``: drop decisions every node has carried out. The last
+  ``forgotten_max`` forgotten outcomes are still kept (in order, without
+  their index) so that a late report of such a gid cannot have it decided
+  again: the tombstone holds where the policy's precondition for
+  forgetting was met from statuses another leader never saw.
 
 Reserved tags (issue 15, the referee, and membership changes): ``used``,
 ``witness``, ``store_abandoned``, ``config``. They decode to an error that
@@ -275,7 +279,8 @@ class GenState:
     """One node's copy of the generation state. ``self_id`` only shapes the
     effects (this node's status); the state itself is the same everywhere."""
 
-    def __init__(self, self_id: int, configured, *, history_max: int = 1024) -> None:
+    def __init__(self, self_id: int, configured, *, history_max: int = 1024,
+                 forgotten_max: int = 10_000) -> None:
         configured = frozenset(configured)
         if not configured or any(type(n) is not int or n <= 0 for n in configured):
             raise ValueError(f"configured must be positive node ids, not {configured!r}")
@@ -289,6 +294,11 @@ class GenState:
         self._last_online_in: dict[int, int] = {n: 1 for n in configured}
         self.last_committable = 1
         self._decisions: dict[str, tuple[bool, int]] = {}
+        # Forgotten decisions, oldest first, the last ``forgotten_max`` kept:
+        # a late report of a forgotten gid finds its outcome instead of
+        # having it decided a second time.
+        self.forgotten_max = forgotten_max
+        self._forgotten: dict[str, bool] = {}
         # num -> (members, configured) of recent generations: the quorums of
         # their in-doubt transactions (policy.py)
         self._history: dict[int, tuple[frozenset[int], frozenset[int]]] = {
@@ -326,14 +336,16 @@ class GenState:
         return frozenset(m for m in members if self._last_online_in.get(m, 0) >= lc)
 
     def decision(self, gid: str) -> bool | None:
+        """The cluster's outcome for ``gid`` (forgotten ones too, while kept)."""
         d = self._decisions.get(gid)
-        return None if d is None else d[0]
+        return self._forgotten.get(gid) if d is None else d[0]
 
     def decision_index(self, gid: str) -> int | None:
         d = self._decisions.get(gid)
         return None if d is None else d[1]
 
     def decisions(self) -> dict[str, bool]:
+        """The decisions not forgotten yet."""
         return {g: c for g, (c, _) in self._decisions.items()}
 
     def gen_def(self, num: int) -> tuple[frozenset[int], frozenset[int]] | None:
@@ -371,8 +383,15 @@ class GenState:
         if cls is Decide:
             return self._apply_decide(index, e)
         if cls is Forget:
-            gone = tuple(g for g in e.gids if self._decisions.pop(g, None) is not None)
-            return [Forgotten(gone)] if gone else [Ignored(e, "nothing to forget")]
+            gone = []
+            for g in e.gids:
+                d = self._decisions.pop(g, None)
+                if d is not None:
+                    gone.append(g)
+                    self._forgotten[g] = d[0]
+            while len(self._forgotten) > self.forgotten_max:
+                del self._forgotten[next(iter(self._forgotten))]
+            return [Forgotten(tuple(gone))] if gone else [Ignored(e, "nothing to forget")]
         raise TypeError(f"not a generation entry: {e!r}")
 
     def _apply_gen(self, index: int, e: Gen) -> list:
@@ -430,7 +449,7 @@ class GenState:
         if g is None or g >= self.gen.num:
             return [Ignored(e, f"{e.gid} is not a transaction of an earlier generation than "
                                f"{self.gen.num}")]
-        if e.gid in self._decisions:
+        if e.gid in self._decisions or e.gid in self._forgotten:
             return [Ignored(e, f"{e.gid} is already decided")]
         self._decisions[e.gid] = (e.commit, index)
         return [DecisionMade(e.gid, e.commit)]
@@ -477,6 +496,7 @@ class GenState:
     def _key(self) -> tuple:
         return (self.index, self.gen, self.gen_index, sorted(self._last_online_in.items()),
                 self.last_committable, sorted(self._decisions.items()),
+                list(self._forgotten.items()), self.forgotten_max,
                 sorted(self._history.items()), sorted(self._committable), self.history_max)
 
     def __eq__(self, other) -> bool:
@@ -491,6 +511,8 @@ class GenState:
              "last_online_in": sorted([n, v] for n, v in self._last_online_in.items()),
              "last_committable": self.last_committable,
              "decisions": sorted([gid, c, i] for gid, (c, i) in self._decisions.items()),
+             "forgotten": [[gid, c] for gid, c in self._forgotten.items()],
+             "forgotten_max": self.forgotten_max,
              "history": sorted([n, _ids(m), _ids(c), n in self._committable]
                                for n, (m, c) in self._history.items()),
              "history_max": self.history_max}
@@ -503,13 +525,14 @@ class GenState:
         if not isinstance(d, dict) or d.get("v") != SNAPSHOT_VERSION:
             raise GensDecodeError(f"{what}: not a version {SNAPSHOT_VERSION} snapshot")
         _keys(d, {"v", "index", "gen_index", "gen", "last_online_in", "last_committable",
-                  "decisions", "history", "history_max"}, what)
+                  "decisions", "forgotten", "forgotten_max", "history", "history_max"}, what)
         try:
             num, members, configured, donors = d["gen"]
             gen = Gen(_int({"n": num}, "n", what), _idset({"m": members}, "m", what),
                       _idset({"c": configured}, "c", what),
                       _idset({"d": donors}, "d", what))
-            s = cls(self_id, gen.configured, history_max=_int(d, "history_max", what))
+            s = cls(self_id, gen.configured, history_max=_int(d, "history_max", what),
+                    forgotten_max=_int(d, "forgotten_max", what))
             s.gen = gen
             s.index = d["index"]
             s.gen_index = d["gen_index"]
@@ -522,6 +545,11 @@ class GenState:
                 if type(c) is not bool or type(i) is not int:
                     raise GensDecodeError(f"{what}: bad decision {gid!r}")
                 s._decisions[_gid(gid, what)] = (c, i)
+            s._forgotten = {}
+            for gid, c in d["forgotten"]:
+                if type(c) is not bool or gid in s._decisions:
+                    raise GensDecodeError(f"{what}: bad forgotten decision {gid!r}")
+                s._forgotten[_gid(gid, what)] = c
             s._history = {}
             s._committable = set()
             for n, m, c, committable in d["history"]:

@@ -393,6 +393,10 @@ class LeaderPolicy:
     # -- inputs ------------------------------------------------------------------------------------
 
     def on_status(self, st: Status, now_ms: int) -> None:
+        prev = self.statuses.get(st.node)
+        if prev is not None and st.sent_ms < prev[0].sent_ms \
+                and now_ms - prev[1] <= self.config.suspect_ms:
+            return      # overtaken by a newer one (a restarted node's clock is accepted later)
         self.statuses[st.node] = (st, now_ms)
         ld = self._lead
         if ld is None:
@@ -453,7 +457,7 @@ class LeaderPolicy:
             unsafe |= state.gen.members - g.members
         grants = self._grants(ld, state, term, unsafe)
         self._plan_online(ld, state, proposals)
-        resolving = self._plan_decisions(ld, state, proposals)
+        resolving = self._plan_decisions(ld, state, proposals, now_ms)
         self._plan_forget(ld, state, proposals)
         return Plan(tuple(proposals), grants, ld.round, resolving)
 
@@ -599,10 +603,14 @@ class LeaderPolicy:
                 if _key(e) not in ld.inflight:
                     out.append(e)
 
-    def _plan_decisions(self, ld: _LeaderState, state: GenState, out: list) -> tuple:
+    def _plan_decisions(self, ld: _LeaderState, state: GenState, out: list,
+                        now_ms: int) -> tuple:
         num = state.gen.num
         undecided = set()
-        for st, _ in self.statuses.values():
+        for node in self.statuses:
+            st = self._recent(node, now_ms)
+            if st is None:
+                continue        # what a silent node said long ago may be over
             for gid in st.prepared_old:
                 if ":" in gid:
                     continue    # a client's own PREPARE TRANSACTION: held, not in doubt

@@ -123,6 +123,8 @@ CFG = PolicyConfig()          # suspect 500 ms, lease 300 ms, drift 0.1
 N_KEYS = 3
 VOTE_TIMEOUT_MS = 1000
 SAFETY_MS = 2500
+REJOIN_SHARE = 0.3
+REJOIN_SAFETY_MS = 4500
 LEADER_BOUND_MS = 2 * 2 * ELECTION_TICKS * TICK_MS      # 2 (maximal) election timeouts
 CONVERGE_BOUND_MS = 15000
 RESUME_BOUND_MS = 1000
@@ -393,7 +395,7 @@ class Sim:
         self.push(node.real_at(node.next_local), K_TIMER, node.id, node.timer_gen)
         self.wake_reader(node)
 
-    def crash(self, node: Node, why: str) -> None:
+    def crash(self, node: Node, why: str, down_ms: int | None = None) -> None:
         if not node.up:
             return
         self.log(f"crash {node.id} ({why})")
@@ -412,10 +414,16 @@ class Sim:
         node.coord = node.part = None
         node.recovering = None
         if self.faults_on:
-            self.push(self.now + self.rng.randint(100, self.f.down_max), K_RESTART, node.id)
+            if down_ms is None:
+                down_ms = self.rng.randint(100, self.f.down_max)
+            self.push(self.now + down_ms, K_RESTART, node.id)
 
-    def on_restart(self, nid, _b, _c) -> None:
+    def on_restart(self, nid, what, _c) -> None:
         node = self.nodes[nid]
+        if what == "crash":                         # the early crash of a rejoin run
+            if node.up:
+                self.crash(node, "to rejoin later", self.rng.randint(600, 1200))
+            return
         if not node.up:
             self.log(f"restart {nid}")
             self.start(node)
@@ -820,7 +828,10 @@ class Sim:
             donors = sorted(g.donors - {node.id})
             if donors:
                 node.recovering = g.num
-                self.push(self.now + self.rng.randint(20, 300), K_RECOVER, node.id, g.num,
+                # applying the donor's backlog up to its marker: usually short,
+                # sometimes long (the cluster may move on meanwhile)
+                took = self.rng.choice((20, 50, 100, 300, 300, 800, 1500))
+                self.push(self.now + self.rng.randint(took // 2, took), K_RECOVER, node.id, g.num,
                           (self.rng.choice(donors), node.incarnation))
         if st != ONLINE and st != RECOVERY:
             if node.catchup_at is None:
@@ -1077,6 +1088,9 @@ class Sim:
             self.crash(lead, "the leader")
         if r.random() < f.partition:
             self.repartition()
+        elif f.partition and r.random() < 0.05 and any(
+                n.up and n.gens.status() == RECOVERY for n in self.nodes.values()):
+            self.repartition("recovering")
         if r.random() < f.jump:
             n = self.nodes[r.choice(self.ids)]
             j = r.choice((50, 200, 600, 1500))
@@ -1093,10 +1107,10 @@ class Sim:
             self.count("stalls")
             self.log(f"node {n.id} stalls until {n.stall_until}")
 
-    def repartition(self) -> None:
+    def repartition(self, kind: str | None = None) -> None:
         ids = list(self.ids)
-        kind = self.rng.choice(("heal", "heal", "split", "isolate", "oneway", "bridge",
-                                "link", "link"))
+        kind = kind or self.rng.choice(("heal", "heal", "split", "isolate", "oneway", "bridge",
+                                        "link", "link", "recovering"))
         blocked: set[tuple[int, int]] = set()
         if kind in ("split", "bridge"):
             self.rng.shuffle(ids)
@@ -1109,6 +1123,15 @@ class Sim:
             lead = self.leader()
             x = lead.id if lead is not None and self.rng.random() < 0.5 else self.rng.choice(ids)
             blocked = {(x, y) for y in ids if y != x} | {(y, x) for y in ids if y != x}
+        elif kind == "recovering":
+            # A node catching up from its donor loses the leader (not the
+            # donor): the cluster moves on while it copies an old marker.
+            lead = self.leader()
+            rec = [n.id for n in self.nodes.values() if n.up and n.gens.status() == RECOVERY]
+            if lead is not None and rec:
+                x = self.rng.choice(rec)
+                if x != lead.id:
+                    blocked = {(x, lead.id), (lead.id, x)}
         elif kind == "link":
             # Two members that both see the leader but not each other: the
             # clique breaks while both keep their leases alive.
@@ -1230,10 +1253,24 @@ class Sim:
         return lead
 
     def run(self) -> dict:
-        self.push(self.rng.randint(0, 50), K_CLIENT)
-        self.push(self.rng.randint(0, 50), K_READ)
-        self.push(self.rng.randint(20, 80), K_FAULT)
-        self.step_until(SAFETY_MS)
+        r = self.rng
+        self.push(r.randint(0, 50), K_CLIENT)
+        self.push(r.randint(0, 50), K_READ)
+        self.push(r.randint(20, 80), K_FAULT)
+        safety_ms = SAFETY_MS
+        if r.random() < 0.8:
+            # Most runs skip the first election (the liveness phase and the
+            # leader crashes test elections): the faults get the time.
+            self.nodes[r.choice(self.ids)].core.campaign()
+        if r.random() < REJOIN_SHARE:
+            # A node is out early, comes back and rejoins while the faults go
+            # on: exclusion, JoinRequest, a generation with a joiner, catch-up
+            # from a donor's marker, Online - all under faults.
+            victim = self.nodes[r.choice(self.ids)]
+            self.push(r.randint(20, 400), K_RESTART, victim.id, "crash")
+            safety_ms = REJOIN_SAFETY_MS
+            self.count("rejoin_runs")
+        self.step_until(safety_ms)
         self.clients_on = False
         self.heal()
         t0 = self.now

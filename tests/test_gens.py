@@ -193,8 +193,25 @@ def test_decide_only_earlier_generations_first_decision_stands():
         assert isinstance(log(Decide(gid, False))[0], Ignored)
         assert s.decision(gid) is None
     assert log(Forget(("MTM-3-1-5", "MTM-9-1-1"))) == [Forgotten(("MTM-3-1-5",))]
-    assert s.decision("MTM-3-1-5") is None
+    assert s.decisions() == {} and s.decision_index("MTM-3-1-5") is None
     assert isinstance(log(Forget(("MTM-3-1-5",)))[0], Ignored)
+    # the outcome is kept as a tombstone: a late report cannot have it decided again
+    assert s.decision("MTM-3-1-5") is True
+    assert isinstance(log(Decide("MTM-3-1-5", False))[0], Ignored)
+
+
+def test_forgotten_outcomes_are_kept_for_a_bounded_number():
+    s = GenState(1, C3, forgotten_max=2)
+    log = Log(s)
+    log(gen(s, {1, 2}))
+    gids = [f"MTM-3-1-{i}" for i in range(3)]
+    for g in gids:
+        log(Decide(g, True))
+    log(Forget(tuple(gids)))
+    assert [s.decision(g) for g in gids] == [None, True, True]     # the oldest went
+    r = GenState.restore(1, s.snapshot())
+    assert r == s and [r.decision(g) for g in gids] == [None, True, True]
+    assert log(Decide(gids[0], False)) == [DecisionMade(gids[0], False)]
 
 
 def test_apply_empty_entries_conf_changes_and_order():

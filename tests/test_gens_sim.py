@@ -36,6 +36,7 @@ def test_seeds(start: int) -> None:
                  "read_refused"):
         assert t.get(what, 0) > 0, (what, stats)
     assert worst["resume_follower_ms"] <= RESUME_BOUND_MS
+    assert worst["resume_after_election_ms"] <= RESUME_BOUND_MS
     assert t["acked"] > CHUNK                    # clients do commit, despite the faults
 
 

@@ -31,7 +31,11 @@ Rules of the policy (GENERATIONS.md sections 5 and 6):
   ONLINE (``Status.fresh``: it lost what its commit cores knew of this
   generation's transactions), leads to ``Gen(members ∩ clique)`` - the
   same members again for a restart. Only with donors, a majority of
-  configured nodes, and never while the leader's own loop lags.
+  configured nodes, and never while the leader's own loop lags. A clique
+  broken among live members is acted on once broken for
+  ``clique_grace_ms`` (detectors notice a crash at slightly different
+  moments); ties go to the clique whose least recently heard member was
+  heard last.
 - **Read leases.** Once the policy wants to exclude X it grants X nothing
   more, and it proposes the generation only when every grant to an
   excluded node is ``exclusion_wait_ms = lease_ms * (1 + drift)**2`` old
@@ -54,7 +58,8 @@ Rules of the policy (GENERATIONS.md sections 5 and 6):
   A member still in RECOVERY ``recovery_timeout_ms`` after the generation
   began is treated as outside the clique.
 - **In-doubt transactions** (``Status.prepared_old``: prepared here, of a
-  generation older than the reporter's) are asked about (``Plan.resolving``,
+  generation older than the reporter's, from each node's newest Status
+  received within ``suspect_ms``) are asked about (``Plan.resolving``,
   broadcast in the leader's Status). A node answers 'p' if it holds a
   precommit record, 'n' only when it can never hold one: its applied
   generation is later than the transaction's (the fence) and no precommit

@@ -156,6 +156,7 @@ class Status:
     applied: int
     sees: frozenset[int]
     lag_ms: int = 0
+    last_online_in: int = 0        # as its GenState says (the log has it: for status views)
     fresh: bool = False
     join: JoinRequest | None = None
     online: OnlineRequest | None = None
@@ -199,6 +200,7 @@ def encode_message(m) -> bytes:
     elif m.__class__ is Status:
         d = {"t": "status", "node": m.node, "sent_ms": m.sent_ms, "term": m.term,
              "gen": m.gen, "applied": m.applied, "sees": sorted(m.sees), "lag_ms": m.lag_ms,
+             "last_online_in": m.last_online_in,
              "fresh": m.fresh,
              "join": None if m.join is None else [m.join.node, m.join.lag_ms],
              "online": None if m.online is None else [m.online.node, m.online.num],
@@ -245,7 +247,7 @@ def decode_message(data: bytes):
     t = d.get("t")
     keys = {"grant": {"v", "t", "node", "sent_ms", "term"},
             "status": {"v", "t", "node", "sent_ms", "term", "gen", "applied", "sees",
-                       "lag_ms", "fresh", "join", "online", "prepared_old", "answers", "echo",
+                       "lag_ms", "last_online_in", "fresh", "join", "online", "prepared_old", "answers", "echo",
                        "lease", "round", "resolving"}}.get(t)
     if keys is None:
         raise PolicyDecodeError(f"unknown message type {t!r}")
@@ -276,6 +278,7 @@ def decode_message(data: bytes):
     return Status(_n(d["node"], "node", 1), _n(d["sent_ms"], "sent_ms"), _n(d["term"], "term"),
                   _n(d["gen"], "gen", 1), _n(d["applied"], "applied"),
                   frozenset(_n(x, "sees", 1) for x in sees), _n(d["lag_ms"], "lag_ms"),
+                  last_online_in=_n(d["last_online_in"], "last_online_in"),
                   fresh=_b(d["fresh"], "fresh"), join=join, online=online,
                   prepared_old=frozenset(_strs(d["prepared_old"], "prepared_old")),
                   answers=tuple(answers), echo=(_n(e0, "echo term"), _n(e1, "echo round")),

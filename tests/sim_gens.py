@@ -1003,7 +1003,8 @@ class Sim:
             for k in sorted(node.sent_real)[:32]:
                 del node.sent_real[k]
         return Status(node.id, now_l, node.core.term, num, gens.index, node.fd.sees(now_l),
-                      node.fd.lag_ms, fresh=node.fresh_gen == num, join=join, online=online,
+                      node.fd.lag_ms, gens.last_online_in(node.id), fresh=node.fresh_gen == num,
+                      join=join, online=online,
                       prepared_old=prepared_old, answers=tuple(answers), echo=node.echo,
                       lease=serving, round=node.echo[1] if node.core.role is Role.LEADER
                       else 0, resolving=node.resolving if node.core.role is Role.LEADER

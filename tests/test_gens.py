@@ -339,7 +339,7 @@ def test_user_status():
 
 
 def test_policy_message_codec():
-    st = Status(2, 123456, 7, 4, 88, fs(1, 3), 12, fresh=True, join=JoinRequest(2, 40),
+    st = Status(2, 123456, 7, 4, 88, fs(1, 3), 12, 3, fresh=True, join=JoinRequest(2, 40),
                 online=OnlineRequest(2, 4), prepared_old=frozenset({"MTM-1-3-4"}),
                 answers=(("MTM-1-3-4", "p"), ("MTM-3-2-1", "n")), echo=(7, 19), lease=True,
                 round=3, resolving=("MTM-1-3-4",))

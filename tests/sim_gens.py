@@ -4,8 +4,9 @@ One ``random.Random(seed)`` decides everything (TigerBeetle's VOPR): the
 cluster (3 to 5 data nodes, every one a Raft voter), the fault profile,
 message loss, duplication, delays (and so reordering), partitions
 (symmetric, one-way, a "bridge" node that sees both halves, the leader
-isolated, one link cut), crashes (at random, of the leader, and at every persistence
-point of the Raft Ready loop: before ``save``, between its durable steps or
+isolated, one link cut, a recovering node cut from the leader but not
+from its donor), crashes (at random, of the leader, and at every
+persistence point of the Raft Ready loop: before ``save``, between its durable steps or
 in a torn append, after it but before sending everything, after sending but
 before applying; a precommit record being written when its node dies lands
 or is lost), slow nodes (the event loop stalls: everything for the node
@@ -23,10 +24,11 @@ timeout), committed ones with a per-key commit order, rolled back ones,
 precommit records, its WAL of its own transactions (prepare, commit,
 rollback), one ordered stream per origin that every other node reads, and
 the donor markers PS(gen) with the state a recovering node copies (its
-catch-up from the donor, all origins, up to the marker). Every 100 ms (its
-own clock) a node ticks Raft, runs the policy, sends its ``Status`` to
-every peer and ticks the coordinator; clients commit on random nodes and
-read from random nodes.
+catch-up from the donor, all origins, up to the marker). Every 50 ms (its
+own clock) a node ticks Raft; every 100 ms it also runs the policy, sends
+its ``Status`` to every peer and ticks the coordinator. Clients commit on
+random nodes and read from random nodes. One message in 50 goes through
+its wire codec (Raft's, or policy.py's) and must come back equal.
 
 Invariants (GENERATIONS.md section 7), checked when the event that could
 break them happens, so after every event:

@@ -51,6 +51,15 @@ Transaction Commit"):
   and an abort majority can never both exist. A client's own PREPARE
   TRANSACTION (``MTM-...:x``) is not decided: it is held again, as
   PostgreSQL keeps a prepared transaction across a restart.
+- Generations (consensus/gens.py): a participant takes part only while ONLINE
+  in the transaction's generation (``Participant.online``), and once it
+  has moved to a later generation it never records a precommit of an
+  earlier one (the fence, GENERATIONS.md section 5). The cluster then
+  decides in-doubt transactions of earlier generations through the Raft
+  log, and a coordinator still holding one carries the decision out
+  (``Coordinator.decided``). With generations, a restarted node does not
+  ``recover`` its gids itself: the cluster bumps the generation and
+  decides them (consensus/README.md).
 - Conflicts between prepared transactions are settled by age (wound-wait):
   a ``Wound`` from a node whose applier waits on this transaction aborts
   it if it is younger than the one waiting and still collecting votes.
@@ -318,6 +327,7 @@ class _CoordTxn:
     recovered: bool = False          # found after a restart: nobody waits for it
     fenced: set = field(default_factory=set)           # RESOLVING: fenced, no precommit
     own_fenced: bool = False         # our own precommit record is refused (state 'x')
+    decided: bool = False            # the cluster's Decide settled it (``decided``)
 
     @property
     def peers(self) -> frozenset[int]:
@@ -556,6 +566,31 @@ class Coordinator:
         t.reply = Reply(t.gid, False, sqlstate, message)
         return [AbortLocal(t.gid)]
 
+    def decided(self, gid: str, commit: bool, now_ms: int) -> list:
+        """The cluster decided ``gid`` (a ``Decide`` entry of the log applied,
+        consensus/gens.py): carry the decision out. The cluster decides only
+        transactions of an earlier generation, from the precommit records it
+        found (GENERATIONS.md section 5): commit if one exists, abort only
+        once a precommit majority can no longer form - so an abort never
+        meets a transaction committed here."""
+        t = self.txns.get(gid)
+        if t is None or t.state in (COMMITTING, WAITING_ACKS, ABORTING, DONE):
+            if t is not None and not commit and (t.committed_local or t.state in (
+                    COMMITTING, WAITING_ACKS)):
+                raise ProtocolInvariantError(f"{gid} decided abort, committed here")
+            return []
+        t.decided = True
+        if commit:
+            t.state = COMMITTING
+            t.precommit_acks.add(self.node_id)
+            return [CommitLocal(gid)]
+        t.state = ABORTING
+        t.reply = Reply(gid, False, TRANSACTION_ROLLBACK,
+                        f"transaction aborted: the cluster switched to generation "
+                        f"{self.generation.num} before it was precommitted on a majority, "
+                        f"and decided to roll it back")
+        return [AbortLocal(gid)]
+
     def generation_changed(self, gen: Generation, now_ms: int) -> list:
         self.generation = gen
         out = []
@@ -645,7 +680,8 @@ class Coordinator:
         for t in self.txns.values():
             if t.committed_local and t.aborted_local:
                 raise ProtocolInvariantError(f"{t.gid} both committed and aborted")
-            if (t.state in (COMMITTING, WAITING_ACKS) or t.committed_local) and not t.recovered:
+            if (t.state in (COMMITTING, WAITING_ACKS) or t.committed_local) \
+                    and not t.recovered and not t.decided:
                 if len(t.precommit_acks) < t.generation.majority:
                     raise ProtocolInvariantError(f"{t.gid} committed without a majority")
             if t.reply is not None and t.reply.committed:
@@ -673,9 +709,13 @@ class _PartTxn:
 class Participant:
     """One member's view of the transactions other nodes coordinate."""
 
-    def __init__(self, node_id: int, generation: Generation, *, max_finished: int = 100_000):
+    def __init__(self, node_id: int, generation: Generation, *, max_finished: int = 100_000,
+                 online: bool = True):
         self.node_id = node_id
         self.generation = generation
+        # Only a node ONLINE in its generation takes part (mmts: PREPARE
+        # requires ONLINE; GENERATIONS.md section 7 invariant 4).
+        self.online = online
         self.txns: dict[str, _PartTxn] = {}
         self.max_finished = max_finished
         self._finished_order: deque[str] = deque()
@@ -700,6 +740,10 @@ class Participant:
             ok, sqlstate = False, TRANSACTION_ROLLBACK
             message = (f"refusing transaction of generation {gen}: node {self.node_id} is in "
                        f"generation {self.generation.num}")
+        elif ok and not self.online:
+            ok, sqlstate = False, TRANSACTION_ROLLBACK
+            message = (f"refusing transaction: node {self.node_id} is not online in "
+                       f"generation {self.generation.num}")
         if t.vote is None:
             t.vote = Vote(gid, self.node_id, ok, sqlstate, message)
         return [Send(t.coordinator, t.vote)]
@@ -717,6 +761,11 @@ class Participant:
             if t.precommitted:
                 return [Send(t.coordinator, PrecommitAck(t.gid, self.node_id))]
             if t.persisting:
+                return []
+            if parse_gid(t.gid)[1] != self.generation.num or not self.online:
+                # The generation fence (GENERATIONS.md section 5): a node past
+                # the transaction's generation never records its precommit,
+                # so the cluster may count it as "no precommit, ever".
                 return []
             t.persisting = True
             return [Persist(t.gid)]
@@ -809,5 +858,6 @@ class Participant:
         self.txns.clear()
         self._finished_order.clear()
 
-    def generation_changed(self, gen: Generation) -> None:
+    def generation_changed(self, gen: Generation, online: bool = True) -> None:
         self.generation = gen
+        self.online = online

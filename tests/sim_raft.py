@@ -144,6 +144,32 @@ class SimStorage(MemoryStorage):
         return None
 
 
+def durable_violation(st: SimStorage, m: Message) -> str | None:
+    """Why ``m`` reflects a term, vote or entry not durable in its sender's
+    storage ``st``; None if it does not (GENERATIONS.md section 7, invariant 2)."""
+    hs = st.hard_state
+    pre = m.type is MsgType.PRE_VOTE or (m.type is MsgType.PRE_VOTE_RESP and not m.reject)
+    if not pre and m.term > hs.term:
+        return f"{format_message(m)}: durable term of {m.frm} is {hs.term}"
+    if m.type is MsgType.VOTE and (hs.term, hs.vote) != (m.term, m.frm):
+        return f"{format_message(m)}: durable term/vote {hs.term}/{hs.vote}"
+    if m.type is MsgType.VOTE_RESP and not m.reject and (hs.term, hs.vote) != (m.term, m.to):
+        return f"{format_message(m)}: durable term/vote {hs.term}/{hs.vote}"
+    if m.type is MsgType.APP:
+        snap_index = st.snapshot.index if st.snapshot else 0
+        if m.index >= snap_index and st.term_at(m.index) != m.log_term:
+            return f"{format_message(m)}: prev not durable at {m.frm}"
+        for e in m.entries:
+            if e.index > snap_index and st.term_at(e.index) != e.term:
+                return f"{format_message(m)}: {e.index}/{e.term} not durable"
+    if m.type is MsgType.APP_RESP and not m.reject and m.index > st.last_index():
+        return f"{format_message(m)}: durable log of {m.frm} ends at {st.last_index()}"
+    if m.type is MsgType.SNAP and (st.snapshot is None or st.snapshot.index <
+                                   m.snapshot.index):
+        return f"{format_message(m)}: snapshot not durable at {m.frm}"
+    return None
+
+
 @dataclass
 class SimNode:
     id: int
@@ -372,28 +398,9 @@ class Sim:
 
     def check_durable(self, node: SimNode, m: Message) -> None:
         """No message reflects a term, vote or entry its sender has not saved."""
-        st = node.storage
-        hs = st.hard_state
-        pre = m.type is MsgType.PRE_VOTE or (m.type is MsgType.PRE_VOTE_RESP and not m.reject)
-        if not pre and m.term > hs.term:
-            self.fail(f"{format_message(m)}: durable term of {node.id} is {hs.term}")
-        if m.type is MsgType.VOTE and (hs.term, hs.vote) != (m.term, node.id):
-            self.fail(f"{format_message(m)}: durable term/vote {hs.term}/{hs.vote}")
-        if m.type is MsgType.VOTE_RESP and not m.reject and (hs.term, hs.vote) != (m.term, m.to):
-            self.fail(f"{format_message(m)}: durable term/vote {hs.term}/{hs.vote}")
-        if m.type is MsgType.APP:
-            snap_index = st.snapshot.index if st.snapshot else 0
-            if m.index >= snap_index and st.term_at(m.index) != m.log_term:
-                self.fail(f"{format_message(m)}: prev not durable at {node.id}")
-            for e in m.entries:
-                if e.index > snap_index and st.term_at(e.index) != e.term:
-                    self.fail(f"{format_message(m)}: {e.index}/{e.term} not durable")
-        if m.type is MsgType.APP_RESP and not m.reject and m.index > st.last_index():
-            self.fail(f"{format_message(m)}: durable log of {node.id} ends at "
-                      f"{st.last_index()}")
-        if m.type is MsgType.SNAP and (st.snapshot is None or st.snapshot.index <
-                                       m.snapshot.index):
-            self.fail(f"{format_message(m)}: snapshot not durable at {node.id}")
+        why = durable_violation(node.storage, m)
+        if why is not None:
+            self.fail(why)
 
     def check_node(self, node: SimNode) -> None:
         c = node.core

@@ -7,8 +7,9 @@ import pytest
 from replication.commit import (COMMITTED, FENCED, PRECOMMITTED, AbortLocal, CommitAck,
                                 CommitLocal, Coordinator, Decision, Fence, FenceOwn, FinishLocal,
                                 Generation, Outcome, Participant, Persist, PersistOwn, Precommit,
-                                PrecommitAck, Release, Reply, Send, TxStatus, TxStatusQuery, Vote,
-                                VoteRequest, Working, Wound, make_gid, parse_gid)
+                                PrecommitAck, ProtocolInvariantError, Release, Reply, Send,
+                                TxStatus, TxStatusQuery, Vote, VoteRequest, Working, Wound,
+                                make_gid, parse_gid)
 from sim_commit import Sim, SimFailure
 
 GEN = Generation(1, frozenset({1, 2, 3}), frozenset({1, 2, 3}))
@@ -340,6 +341,62 @@ def test_participant_refuses_older_generation():
     p = Participant(2, Generation(2, frozenset({1, 2, 3}), GEN.configured))
     [send] = p.applied(GID, True)
     assert not send.msg.ok and "generation" in send.msg.message
+
+
+def test_participant_takes_part_only_while_online():
+    """consensus/gens.py: a RECOVERY member, or one that restarted in this
+    generation, neither votes yes nor records a precommit."""
+    p = Participant(2, GEN, online=False)
+    [send] = p.applied(GID, True)
+    assert not send.msg.ok and "not online" in send.msg.message
+    p2 = Participant(2, GEN)
+    p2.applied(GID, True)
+    p2.generation_changed(GEN, online=False)
+    assert p2.receive(Precommit(GID, 1)) == []
+    p2.generation_changed(GEN, online=True)
+    assert p2.receive(Precommit(GID, 1)) == [Persist(GID)]
+
+
+def test_participant_never_records_a_precommit_of_an_earlier_generation():
+    """The generation fence: past T's generation, a node never records
+    PRECOMMIT(T), so the cluster may count it as holding none; a record
+    written before the switch is still acknowledged."""
+    gen2 = Generation(2, GEN.members, GEN.configured)
+    p = Participant(2, GEN)
+    p.applied(GID, True)
+    other = make_gid(1, 1, 8)
+    p.applied(other, True)
+    assert p.receive(Precommit(other, 1)) == [Persist(other)]
+    assert p.persisted(other, True) == [Send(1, PrecommitAck(other, 2))]
+    p.generation_changed(gen2)
+    assert p.receive(Precommit(GID, 1)) == []
+    assert p.receive(Precommit(other, 1)) == [Send(1, PrecommitAck(other, 2))]
+
+
+def test_coordinator_carries_out_the_clusters_decision():
+    """Coordinator.decided: a transaction still precommitting when the
+    generation moved on is decided by the log; commit or abort, the client
+    hears once, and an abort of a transaction committed here is refused."""
+    c = Coordinator(1, GEN)
+    c.start(GID, 0)
+    c.receive(Vote(GID, 2, True), 1)
+    c.receive(Vote(GID, 3, True), 2)             # precommitting, no majority yet
+    c.generation_changed(Generation(2, frozenset({1, 2}), GEN.configured), 3)
+    assert c.decided(GID, False, 4) == [AbortLocal(GID)]
+    assert c.decided(GID, False, 5) == []
+    [reply] = c.local_done(GID, False, 6)
+    assert not reply.committed and "decided to roll it back" in reply.message
+    g = make_gid(1, 1, 8)
+    c2 = Coordinator(1, GEN)
+    c2.start(g, 0)
+    c2.receive(Vote(g, 2, True), 1)
+    c2.receive(Vote(g, 3, True), 2)
+    assert c2.decided(g, True, 3) == [CommitLocal(g)]
+    c2.check_invariants()                        # committed on one record: the cluster's
+    c2.local_done(g, True, 4)
+    with pytest.raises(ProtocolInvariantError):
+        c2.decided(g, False, 5)
+    assert c2.decided("MTM-9-1-1", True, 6) == []   # not ours: the shell finishes it
 
 
 @pytest.mark.parametrize("wait", [True, False], ids=["wait_peer_commits", "no_wait"])

@@ -76,6 +76,9 @@ FINGERPRINT_MASKS = (
     (re.compile(r"\bMTM-\d+-\d+-\d+"), "MTM-n-g-seq"),
     # the time of the run (a row with now() in an error's DETAIL)
     (re.compile(r"\b\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d(:\d\d)?)?"), "<timestamp>"),
+    # the same in DateStyle Postgres (pg_regress's): Thu Nov 26 03:31:59.955941 2026
+    (re.compile(r"\b(Mon|Tue|Wed|Thu|Fri|Sat|Sun) [A-Z][a-z]{2} +\d\d? \d\d:\d\d:\d\d(\.\d+)? "
+                r"\d{4}( [A-Z]{2,5})?"), "<timestamp>"),
 )
 
 

@@ -257,7 +257,8 @@ def decode_message(data: bytes):
         return LeaseGrant(_n(d["node"], "node", 1), _n(d["sent_ms"], "sent_ms"),
                           _n(d["term"], "term"))
     sees = d["sees"]
-    if not isinstance(sees, list) or len(set(sees)) != len(sees):
+    if not isinstance(sees, list) or any(type(x) is not int for x in sees) \
+            or len(set(sees)) != len(sees):
         raise PolicyDecodeError(f"sees: expected distinct node ids, got {sees!r}")
     join = online = None
     if d["join"] is not None:

@@ -350,9 +350,13 @@ def test_policy_message_codec():
             with pytest.raises(PolicyDecodeError):
                 decode_message(data[:i])
     d = json.loads(encode_message(st))
+    # (each case replaces one field; a stray unknown field would be refused
+    # whatever the case)
     for key, bad in (("answers", [["g", "x"]]), ("sees", [1, 1]), ("fresh", 1), ("v", 2),
-                     ("t", "gen"), ("node", 0)):
-        broken = dict(d, per={key: bad})
+                     ("t", "gen"), ("node", 0), ("sees", [[1]]), ("sees", [{}]),
+                     ("answers", [[["x"], "p"]]), ("echo", [1]), ("join", [1, {}]),
+                     ("prepared_old", [1]), ("resolving", "abc"), ("lease", None)):
+        broken = dict(d, **{key: bad})
         with pytest.raises(PolicyDecodeError):
             decode_message(json.dumps(broken).encode())
 

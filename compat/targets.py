@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psycopg
 
-from harness.cluster import ClusterUnderTest
+from harness.cluster import ClusterUnderTest, _wait
 from proxy.pgserver import LocalPostgres, _chown_to_postgres
 
 REGRESS_DB = "regression"
@@ -99,17 +99,6 @@ def psql_env(dirs: dict[str, Path], port: int, test: str) -> dict[str, str]:
         "PG_DLSUFFIX": ".so",
     })
     return env
-
-
-def _wait(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Targets:

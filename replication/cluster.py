@@ -129,7 +129,8 @@ GRANT SELECT ON SEQUENCE mtm.auth_seq TO PUBLIC;
 -- not on the user's, so that a table written earlier in a transaction can
 -- still be altered, indexed, truncated or dropped in it (PostgreSQL
 -- refuses that while the table has deferred trigger events pending).
--- Unlogged: never in WAL, never published.
+-- Unlogged: never in WAL, never published. The proxy deletes the rows of
+-- finished transactions every few seconds (ReplicationNode.forget_applied_round).
 CREATE UNLOGGED TABLE IF NOT EXISTS mtm.guard_q (xid xid8 PRIMARY KEY, rel text NOT NULL);
 REVOKE ALL ON mtm.guard_q FROM PUBLIC;
 -- The peers trust every mtm_* logical message in the WAL: only superusers,
@@ -355,7 +356,10 @@ BEGIN
       USING ERRCODE = '0A000',
             HINT = 'Connect through an mmproxy port, not to PostgreSQL directly; the transaction was rolled back on this node only, so no node diverged.';
   END IF;
-  DELETE FROM mtm.guard_q WHERE xid = NEW.xid;
+  -- (the row stays: deleting it here would read mtm.guard_q in the
+  -- client's transaction, and under SERIALIZABLE every writer would then
+  -- conflict with every other; the node removes the rows of finished
+  -- transactions now and then)
   RETURN NULL;
 END $f$;
 

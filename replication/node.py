@@ -647,6 +647,15 @@ class ReplicationNode:
                      "(SELECT lsn FROM mtm.apply_progress WHERE peer = %s)", (peer, peer))])
             except (psycopg.Error, PgUnavailable) as e:
                 self.log.warning("applied_gc_failed", peer=peer, error=str(e).strip())
+        try:
+            # the commit guard's notes of finished transactions (see
+            # mtm.guard_q: the check at commit never deletes its own, which
+            # would make every SERIALIZABLE writer read the table)
+            await self.pool.transaction([
+                ("DELETE FROM mtm.guard_q WHERE xid < pg_snapshot_xmin(pg_current_snapshot())",
+                 ())])
+        except (psycopg.Error, PgUnavailable) as e:
+            self.log.warning("guard_gc_failed", error=str(e).strip())
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""

@@ -19,6 +19,7 @@ The whole schedule (211 files) runs as a script: ``python -m compat.run``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -258,3 +259,23 @@ def test_fingerprints_ignore_the_time_of_the_run_only():
         fp(a.format("Fri Dec  4 11:02:07.000001 2026")) == \
         fp(a.format("2026-11-26 03:31:59.955941+00"))
     assert fp(a.format("Thu Nov 26 03:31:59.955941 2026")) != fp(a.format("42"))
+
+
+def test_masks_and_file_rules_cover_what_changes_between_runs_only():
+    """OIDs, a COPY's line in an apply failure, an SSI pivot and the run's
+    temporary directories do not change a fingerprint; a rule scoped to
+    files covers blocks of those files only."""
+    from compat.expected import Block, Rule
+
+    def fp(line: str) -> str:
+        return Block(1, 1, [], [line]).fingerprint
+
+    assert fp(" 36219 |  |  0 |  36219 | attmp") == fp(" 34709 |  |  0 |  34709 | attmp")
+    assert fp(" 36219 |  |  0 |  36219 | attmp") != fp(" 36219 |  |  1 |  36219 | attmp")
+    assert fp("CONTEXT:  COPY t, line 144, column c") == fp("CONTEXT:  COPY t, line 143, column c")
+    assert fp("DETAIL:  Canceled on conflict out to pivot 12830") == \
+        fp("DETAIL:  Canceled on conflict out to pivot 12799")
+    assert fp("LINE 1: ...-m0t4z36c/regress-build/x.txt") == fp("LINE 1: ...-au05fx6j/regress-build/x.txt")
+    rule = Rule("n", "r", [re.compile(r"^ *\d+$")], [re.compile(r"^ *\d+$")], ("stats",))
+    b = Block(1, 1, ["  3"], ["  1"])
+    assert rule.covers(b, "stats") and not rule.covers(b, "update")

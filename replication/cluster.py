@@ -606,6 +606,17 @@ BEGIN
   PERFORM mtm._not_captured(tg_tag);
 END $f$;
 
+-- Is an object a DDL command reported temporary: in the session's
+-- temporary schema, or belonging to a temporary table (a trigger, rule or
+-- policy on one)?
+CREATE OR REPLACE FUNCTION mtm._temp_object(schema_name text, classid oid, objid oid)
+RETURNS bool LANGUAGE sql STABLE SET search_path = pg_catalog AS $f$
+  SELECT schema_name = 'pg_temp' OR EXISTS (
+    SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
+    WHERE d.classid = $2 AND d.objid = $3
+      AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')
+$f$;
+
 CREATE OR REPLACE FUNCTION mtm._not_captured(tag text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$
 BEGIN
@@ -688,10 +699,7 @@ ON_DDL_END_SQL = _ship_staged_sql(
     "      FROM json_array_elements_text(coalesce(pending::json -> 'rels', '[]')) r(name)\n"
     "      LEFT JOIN pg_class c ON c.oid = to_regclass(r.name);\n"
     "  ELSE\n"
-    "    SELECT count(*) FILTER (WHERE x.schema_name = 'pg_temp' OR EXISTS (\n"
-    "             SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
-    "             WHERE d.classid = x.classid AND d.objid = x.objid\n"
-    "               AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't')),\n"
+    "    SELECT count(*) FILTER (WHERE mtm._temp_object(x.schema_name, x.classid, x.objid)),\n"
     "           count(*)\n"
     "      INTO n_temp, n_all FROM pg_event_trigger_ddl_commands() x;\n"
     "  END IF;",
@@ -703,10 +711,7 @@ ON_DDL_END_SQL = _ship_staged_sql(
     "    IF tg_tag NOT LIKE 'DROP %' AND NOT EXISTS (\n"
     "        SELECT 1 FROM pg_event_trigger_ddl_commands() x) OR EXISTS (\n"
     "        SELECT 1 FROM pg_event_trigger_ddl_commands() x\n"
-    "        WHERE NOT (x.schema_name = 'pg_temp' OR EXISTS (\n"
-    "          SELECT 1 FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid\n"
-    "          WHERE d.classid = x.classid AND d.objid = x.objid\n"
-    "            AND d.refclassid = 'pg_class'::regclass AND c.relpersistence = 't'))) THEN\n"
+    "        WHERE NOT mtm._temp_object(x.schema_name, x.classid, x.objid)) THEN\n"
     "      PERFORM mtm._not_captured(tg_tag);\n"
     "    END IF;")
 

@@ -122,7 +122,7 @@ from replication.commit import (STATEMENT_COMPLETION_UNKNOWN, AbortLocal,  # noq
                                 CommitLocal, Coordinator, Decision, FinishLocal, Participant,
                                 Persist, PersistOwn, Precommit, PrecommitAck, Reply, Send,
                                 VoteRequest, make_gid, parse_gid)
-from sim_raft import SimCrash, SimStorage, durable_violation  # noqa: E402
+from sim_raft import SimCrash, SimStorage, durable_violation, seed_cli  # noqa: E402
 
 TICK_MS = 50                  # one Raft tick
 HEARTBEAT_TICKS = 2           # 100 ms: a Raft heartbeat, and a Status to every peer
@@ -1389,15 +1389,7 @@ def run_seeds(seeds, verbose: bool = False) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if "--seeds" in argv:
-        n = int(argv[argv.index("--seeds") + 1])
-        start = int(argv[argv.index("--start") + 1]) if "--start" in argv else 0
-        print(run_seeds(range(start, start + n)))
-    else:
-        seed = int(argv[0]) if argv else 1
-        sim = Sim(seed, verbose=True)
-        print(sim.run())
-        print(sim.describe())
+    seed_cli(argv, Sim, run_seeds)
 
 
 if __name__ == "__main__":

@@ -714,16 +714,22 @@ def run_seeds(seeds, verbose: bool = False) -> dict:
             "events": dict(sorted(totals.extra.items()))}
 
 
-def main(argv: list[str]) -> None:
+def seed_cli(argv: list[str], sim_class, run_seeds) -> None:
+    """``SEED`` replays one seed verbosely; ``--seeds N [--start S]`` runs
+    many (the command line of every seeded simulator here)."""
     if "--seeds" in argv:
         n = int(argv[argv.index("--seeds") + 1])
         start = int(argv[argv.index("--start") + 1]) if "--start" in argv else 0
         print(run_seeds(range(start, start + n)))
     else:
         seed = int(argv[0]) if argv else 1
-        sim = Sim(seed, verbose=True)
+        sim = sim_class(seed, verbose=True)
         print(sim.run())
         print(sim.describe())
+
+
+def main(argv: list[str]) -> None:
+    seed_cli(argv, Sim, run_seeds)
 
 
 if __name__ == "__main__":

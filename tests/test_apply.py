@@ -328,6 +328,17 @@ def test_apply_horizon_is_durable_and_trims_applied_records(pair, tmp_path):
     asyncio.run(run())
 
 
+def _drop_replay_slots(a, b) -> None:
+    """Undo the two replay tests' slots, rows, horizon and origins."""
+    for s in ("to_b", "to_b_again"):
+        a.psql(f"SELECT pg_drop_replication_slot('{s}')")
+    b.psql("DELETE FROM mtm.apply_progress")
+    b.psql("TRUNCATE acc")
+    a.psql("TRUNCATE acc")
+    wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
+                             "FROM pg_replication_origin"), what="origin released")
+
+
 def test_a_resent_transaction_at_or_below_the_horizon_is_never_applied_again(pair):
     """After a crash of the peer's PostgreSQL its slot's confirmed position
     can go back to its last checkpoint, long after our mtm.applied rows for
@@ -353,13 +364,7 @@ def test_a_resent_transaction_at_or_below_the_horizon_is_never_applied_again(pai
         assert [type(r).__name__ for r in results] == ["Skipped"] * 3
         assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
     finally:
-        for s in ("to_b", "to_b_again"):
-            a.psql(f"SELECT pg_drop_replication_slot('{s}')")
-        b.psql("DELETE FROM mtm.apply_progress")
-        b.psql("TRUNCATE acc")
-        a.psql("TRUNCATE acc")
-        wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
-                                 "FROM pg_replication_origin"), what="origin released")
+        _drop_replay_slots(a, b)
 
 
 def test_a_trim_after_the_appliers_setup_never_lets_a_replay_apply_again(pair):
@@ -390,10 +395,4 @@ def test_a_trim_after_the_appliers_setup_never_lets_a_replay_apply_again(pair):
         assert [type(r).__name__ for r in results] == ["Skipped"] * 3
         assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
     finally:
-        for s in ("to_b", "to_b_again"):
-            a.psql(f"SELECT pg_drop_replication_slot('{s}')")
-        b.psql("DELETE FROM mtm.apply_progress")
-        b.psql("TRUNCATE acc")
-        a.psql("TRUNCATE acc")
-        wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
-                                 "FROM pg_replication_origin"), what="origin released")
+        _drop_replay_slots(a, b)

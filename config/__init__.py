@@ -51,6 +51,9 @@ class NodeSection:
     internode_listen: str | None = field(
         default=None, metadata={"check": _address, "doc": "address peers connect to"})
     name: str | None = None
+    # Where the consensus log of this node lives (Raft hard state, log,
+    # snapshot). Default: "mmproxy-state-<id>" next to the config file.
+    state_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,16 @@ class TimeoutsConfig:
     # A client must finish its startup and authentication within this time
     # (PostgreSQL's authentication_timeout is 1 min).
     client_startup_timeout_ms: int = 60000
-    heartbeat_interval_ms: int = 200
-    heartbeat_timeout_ms: int = 2000
+    # Failure detection (consensus/policy.py): every node sends a Status to
+    # every peer each heartbeat_interval_ms; a peer silent for
+    # heartbeat_timeout_ms is suspected and leaves the generation.
+    heartbeat_interval_ms: int = 100
+    heartbeat_timeout_ms: int = 500
+    # A node serves clients (reads too) only within this long of a
+    # heartbeat the Raft leader confirmed; read_lease_ms x 1.21 must not
+    # exceed heartbeat_timeout_ms (the leader waits that out before it
+    # excludes a node).
+    read_lease_ms: int = 400
     # A commit aborts when a member has not voted within this time (until
     # failure detection decides membership, this is how a dead peer is seen).
     commit_vote_timeout_ms: int = 60000
@@ -157,6 +168,15 @@ class NodeConfig:
     limits: LimitsConfig = LimitsConfig()
     source: str = field(default="<string>", metadata={"internal": True})
 
+    def state_path(self) -> str:
+        """The consensus state directory: ``[node] state_dir``, else
+        ``mmproxy-state-<id>`` next to the config file."""
+        if self.node.state_dir:
+            return self.node.state_dir
+        base = os.path.dirname(os.path.abspath(self.source)) if os.path.exists(self.source) \
+            else os.getcwd()
+        return os.path.join(base, f"mmproxy-state-{self.node.id}")
+
     def check(self) -> None:
         ids = [self.node.id] + [p.id for p in self.peers]
         if len(set(ids)) != len(ids):
@@ -166,6 +186,14 @@ class NodeConfig:
                 path = getattr(self.tls, key)
                 if not os.path.exists(path):
                     raise ConfigError(f"{self.source}: [tls] {key}: file {path!r} does not exist")
+        t = self.timeouts
+        try:
+            from consensus.policy import PolicyConfig
+            PolicyConfig.from_timeouts(t.heartbeat_interval_ms, t.heartbeat_timeout_ms,
+                                       t.read_lease_ms)
+        except ValueError as e:
+            raise ConfigError(f"{self.source}: [timeouts] heartbeat_interval_ms, "
+                              f"heartbeat_timeout_ms, read_lease_ms: {e}") from None
         if self.limits.apply_workers > 64:
             raise ConfigError(f"{self.source}: [limits] apply_workers: expected at most 64, "
                               f"got {self.limits.apply_workers}")
@@ -176,7 +204,7 @@ class NodeConfig:
 
 _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat_interval_ms",
              "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
-             "commit_vote_timeout_ms", "apply_lock_timeout_ms", "client_ready_wait_ms",
+             "commit_vote_timeout_ms", "apply_lock_timeout_ms", "client_ready_wait_ms", "read_lease_ms",
              "write_buffer_high_bytes", "write_buffer_low_bytes", "apply_workers"}
 
 def _describe(v: object) -> str:

@@ -117,6 +117,13 @@ class PolicyConfig:
         if self.lag_threshold_ms <= 0 or self.restable_ms < self.suspect_ms:
             raise ValueError("lag_threshold_ms > 0 and restable_ms >= suspect_ms")
 
+    @classmethod
+    def from_timeouts(cls, heartbeat_ms: int, suspect_ms: int, lease_ms: int) -> PolicyConfig:
+        """The configuration a node's ``[timeouts]`` give (rejoin after
+        twice the suspect timeout, at least a second)."""
+        return cls(heartbeat_ms=heartbeat_ms, suspect_ms=suspect_ms, lease_ms=lease_ms,
+                   restable_ms=max(1000, 2 * suspect_ms))
+
     @property
     def exclusion_wait_ms(self) -> int:
         """How long after the last grant to X the leader may commit a

@@ -75,6 +75,7 @@ MTM = "mtm_proxy"           # the proxy's own statement and portal
 _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = (ord(c) for c in "QPBDECSHFX")
 _Z, _ERR, _NOTICE, _CC, _PSTATUS, _COPY_IN, _DATA = (ord(c) for c in "ZENCSGD")
 FEATURE_NOT_SUPPORTED = "0A000"
+NOT_SERVING = "57P03"         # the node is not ONLINE (or has no read lease)
 NO_ACTIVE_TXN = "25P01"
 ACTIVE_TXN = "25001"
 _STMT_CACHE_MAX = 10000
@@ -602,10 +603,29 @@ class ClusterPath:
 
     # -- simple Query --------------------------------------------------------------------
 
+    def _gated(self, plan) -> str | None:
+        """Why this node may not serve this statement now (it is not ONLINE,
+        or its read lease ran out), or None. Ending a transaction is always
+        allowed."""
+        if plan.txn == "rollback":
+            return None
+        return self.s.not_serving()
+
+    def _p_not_serving(self, why: str):
+        yield ("idle",)
+        if self.trk.skipping:
+            yield from self._refuse_q(why, E)
+            return
+        yield from self._refuse_q(why, self.blk, sqlstate=NOT_SERVING)
+
     def _on_query(self, m: Message) -> None:
         sql = m.body[:-1].decode("utf-8", "replace")
         plan = self.plan(sql)
         s = self.s
+        why = self._gated(plan)
+        if why is not None:
+            self._start(self._p_not_serving(why))
+            return
         if (s.wounded is None and s.wound_answer is None and self.blk != W
                 and not plan.deferred and not self.trk.skipping):
             if plan.kind == intercept.PASS:
@@ -746,11 +766,11 @@ class ClusterPath:
     def own_call_q(self, sql: str):
         return ("call", self.own_q(sql))
 
-    def _refuse_q(self, reason: str, b: str):
-        err = wire.error_response(FEATURE_NOT_SUPPORTED, reason)
+    def _refuse_q(self, reason: str, b: str, sqlstate: str = FEATURE_NOT_SUPPORTED):
+        err = wire.error_response(sqlstate, reason)
         if b == T:
             # an error leaves the transaction failed: make it so on the backend
-            yield self.own_call_q(intercept.fail_sql(FEATURE_NOT_SUPPORTED, reason))
+            yield self.own_call_q(intercept.fail_sql(sqlstate, reason))
             self.reply(err)
             self.ready(b"E")
         elif b == E:
@@ -1108,6 +1128,10 @@ class ClusterPath:
         if kind == intercept.REFUSE:
             self._start(self._p_fail_exec(m, plan.reason))
             return
+        why = self._gated(plan)
+        if why is not None:
+            self._start(self._p_fail_exec(m, why, NOT_SERVING))
+            return
         if txn == "begin":
             self._fwd(m, Tok(drop=(ACTIVE_TXN.encode(),)) if b == W else None)
             if b != E:
@@ -1265,6 +1289,10 @@ class ClusterPath:
         self.ready(b"I")
 
     def _on_function_call(self, m: Message) -> None:
+        why = self.s.not_serving()
+        if why is not None:
+            self._start(self._p_not_serving(why))
+            return
         if self.blk in (I, R):
             self._start(self._p_function_call(m))
             return

@@ -120,7 +120,7 @@ class ProxyServer:
                 await asyncio.sleep(1)
         self.node = node
         for conn in self.sessions:
-            conn.core.set_cluster(True, node.next_gid, node.token)
+            conn.core.set_cluster(True, node.next_gid, node.token, node.gate)
         self.log.info("cluster_mode_on", sessions=len(self.sessions))
 
     def is_ready(self) -> bool:
@@ -236,7 +236,8 @@ class ClientConnection(asyncio.Protocol):
         self.core = Session(tls_available=server.ssl_context is not None,
                             proxy_secret=secrets.randbits(31))
         if server.node is not None:
-            self.core.set_cluster(True, server.node.next_gid, server.node.token)
+            self.core.set_cluster(True, server.node.next_gid, server.node.token,
+                                  server.node.gate)
         self.transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
         self.sid = server.next_session_id
@@ -383,7 +384,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if self.server.node is not None and not self.core.cluster:
-            self.core.set_cluster(True, self.server.node.next_gid, self.server.node.token)
+            self.core.set_cluster(True, self.server.node.next_gid, self.server.node.token,
+                                  self.server.node.gate)
         backend = BackendConnection(self)
         try:
             await self.server.open_backend(lambda: backend)

@@ -44,6 +44,9 @@ CONNECTION_FAILURE = "08006"
 FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
 CANNOT_CONNECT_NOW = "57P03"
+# Sessions with this application_name may read and administer a node that is
+# not ONLINE (mmts's convention).
+ADMIN_APP = "mtm_admin"
 QUERY_CANCELED = "57014"
 
 
@@ -156,7 +159,7 @@ class Session:
         "effects", "txn_status", "pending_syncs", "shutting_down",
         "backend_pid", "backend_secret", "server_params", "last_fatal",
         "_startup_framer", "_cf", "_sf", "_awaiting_password", "_auth_ok", "_queued", "_counted",
-        "_drain_error", "_zseen", "cluster", "next_gid", "token", "cp", "wounded",
+        "_drain_error", "_zseen", "cluster", "next_gid", "token", "cp", "wounded", "gate",
         "_wound_cancel", "wound_seq", "wound_answer")
 
     def __init__(self, *, tls_available: bool, proxy_secret: int):
@@ -185,6 +188,9 @@ class Session:
         self._zseen = 0            # self._sf.peeked already applied
         self.cluster = False       # commits go through the cluster protocol
         self.next_gid: Callable[[], str] | None = None
+        # Cluster mode: returns why this node may not serve clients now
+        # (not ONLINE, no read lease), else None. None for mtm_admin sessions.
+        self.gate: Callable[[], str | None] | None = None
         self.token: str | None = None
         self.cp: ClusterPath | None = None      # the cluster path (proxy/clusterpath.py)
         # Set by wound-wait: this session's transaction holds a lock an
@@ -233,7 +239,8 @@ class Session:
                       max_inspect_len=wire.MAX_MESSAGE_LEN, count=count)
 
     def set_cluster(self, on: bool, next_gid: Callable[[], str] | None = None,
-                    token: str | None = None) -> None:
+                    token: str | None = None,
+                    gate: Callable[[], str | None] | None = None) -> None:
         """Turn commit interception on: from now on every client message
         goes through the cluster path (proxy/clusterpath.py) and writes go
         through the commit protocol. ``token`` is the node's secret, which
@@ -241,6 +248,7 @@ class Session:
         self.cluster = on
         self.next_gid = next_gid
         self.token = token
+        self.gate = gate
         if on and self.cp is None:
             self.cp = ClusterPath(self)
             self.cp.blk = {b"I": "I", b"T": "T", b"E": "E"}[self.txn_status]
@@ -249,6 +257,14 @@ class Session:
             self._counted = 0
             if self.phase is Phase.READY and on:
                 self.set_server_framer(False)
+
+    def not_serving(self) -> str | None:
+        """Why the node may not serve this session's statements now, or
+        None (always None for an ``mtm_admin`` session)."""
+        if self.gate is None or (self.startup is not None
+                                 and self.startup.get("application_name") == ADMIN_APP):
+            return None
+        return self.gate()
 
     def set_server_framer(self, all_types: bool) -> None:
         """Cluster mode: every backend message but DataRow and CopyData is

@@ -102,6 +102,8 @@ CREATE TABLE IF NOT EXISTS mtm.nodes (id int PRIMARY KEY, is_self bool NOT NULL,
 CREATE TABLE IF NOT EXISTS mtm.node_state (
   id int PRIMARY KEY, status text NOT NULL, gen_num bigint NOT NULL, gen_members int[] NOT NULL,
   connected int[] NOT NULL, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+-- what the consensus service shows (replication/generations.py view())
+ALTER TABLE mtm.node_state ADD COLUMN IF NOT EXISTS consensus jsonb NOT NULL DEFAULT '{}';
 -- Precommit records of the commit protocol: state 'p' = precommitted here;
 -- 'x' = fenced: this node promised never to acknowledge a precommit of the
 -- gid (a recovering coordinator asked; replication/commit.py).
@@ -520,25 +522,37 @@ END $f$;
 
 -- Monitoring, with mmts's columns. The proxy refreshes mtm.node_state every
 -- half second; a state older than 3 s means its proxy is not running.
-CREATE OR REPLACE FUNCTION mtm.status(
+DROP FUNCTION IF EXISTS mtm.status();
+CREATE FUNCTION mtm.status(
     OUT my_node_id int, OUT status text, OUT connected int[], OUT gen_num bigint,
-    OUT gen_members int[], OUT gen_members_online int[], OUT gen_configured int[])
+    OUT gen_members int[], OUT gen_members_online int[], OUT gen_configured int[],
+    OUT gen_donors int[], OUT raft_term bigint, OUT raft_leader int, OUT raft_role text,
+    OUT lease_valid bool, OUT suspects int[], OUT agreed bool, OUT catchup_lag_ms bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
   SELECT n.id,
          CASE WHEN s.id IS NULL OR s.updated_at < clock_timestamp() - interval '3 seconds'
               THEN 'disabled' ELSE s.status END,
          coalesce(s.connected, '{}'), coalesce(s.gen_num, 0), coalesce(s.gen_members, '{}'),
-         ARRAY(SELECT m FROM unnest(coalesce(s.gen_members, '{}')) m
-               WHERE m = n.id OR m = ANY(s.connected) ORDER BY m),
-         ARRAY(SELECT id FROM mtm.nodes ORDER BY id)
+         ARRAY(SELECT k::int FROM jsonb_each_text(s.consensus -> 'status') e(k, v)
+               WHERE v = 'online' ORDER BY k::int),
+         ARRAY(SELECT id FROM mtm.nodes ORDER BY id),
+         ARRAY(SELECT x::int FROM jsonb_array_elements_text(s.consensus -> 'donors') x),
+         (s.consensus ->> 'raft_term')::bigint, (s.consensus ->> 'raft_leader')::int,
+         s.consensus ->> 'raft_role', (s.consensus ->> 'lease_valid')::bool,
+         ARRAY(SELECT x::int FROM jsonb_array_elements_text(s.consensus -> 'suspects') x),
+         coalesce((s.consensus ->> 'agreed')::bool, false),
+         (s.consensus ->> 'catchup_lag_ms')::bigint
   FROM mtm.nodes n LEFT JOIN mtm.node_state s ON s.id = n.id
   WHERE n.is_self
 $f$;
 
-CREATE OR REPLACE FUNCTION mtm.nodes()
+DROP FUNCTION IF EXISTS mtm.nodes();
+CREATE FUNCTION mtm.nodes()
 RETURNS TABLE (id int, conninfo text, is_self bool, enabled bool, connected bool,
                sender_pid int, receiver_pid int, n_workers int, receiver_mode text,
-               replication_lag_bytes numeric, applied_remote_lsn pg_lsn)
+               replication_lag_bytes numeric, applied_remote_lsn pg_lsn,
+               status text, last_online_in bigint, marker_reached bigint,
+               is_raft_leader bool, suspected bool)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
   SELECT n.id, n.address, n.is_self, true,
          n.is_self OR coalesce(n.id = ANY((SELECT st.connected FROM mtm.status() st)::int[]),
@@ -547,8 +561,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
          CASE WHEN n.is_self THEN NULL ELSE 'normal' END,
          CASE WHEN n.is_self THEN 0
               ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), sl.confirmed_flush_lsn) END,
-         ap.remote_lsn
+         ap.remote_lsn,
+         me.consensus -> 'status' ->> n.id::text,
+         (me.consensus -> 'last_online_in' ->> n.id::text)::bigint,
+         (me.consensus -> 'markers_reached' ->> n.id::text)::bigint,
+         (me.consensus ->> 'raft_leader')::int IS NOT DISTINCT FROM n.id,
+         n.id IN (SELECT x::int FROM jsonb_array_elements_text(me.consensus -> 'suspects') x)
   FROM mtm.nodes n
+  LEFT JOIN mtm.node_state me ON me.id = (SELECT id FROM mtm.nodes WHERE is_self)
   LEFT JOIN pg_replication_slots sl ON sl.slot_name = 'mtm_slot_' || n.id
   -- each applier of a peer has its own origin: mtm_node_<id>, mtm_node_<id>_<k>
   LEFT JOIN LATERAL (
@@ -572,8 +592,12 @@ BEGIN
       USING ERRCODE = '55000';
   END IF;
   IF st.gen_members_online <> st.gen_members THEN
-    RAISE EXCEPTION 'node(s) % of generation % are not connected',
+    RAISE EXCEPTION 'node(s) % of generation % are not online',
       ARRAY(SELECT unnest(st.gen_members) EXCEPT SELECT unnest(st.gen_members_online)), st.gen_num
+      USING ERRCODE = '55000';
+  END IF;
+  IF NOT st.agreed THEN
+    RAISE EXCEPTION 'the members of generation % do not all agree on it yet', st.gen_num
       USING ERRCODE = '55000';
   END IF;
   RETURN true;

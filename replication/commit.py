@@ -305,6 +305,7 @@ VOTING, PRECOMMITTING, COMMITTING, WAITING_ACKS, ABORTING, DONE, HELD, RESOLVING
     "voting", "precommitting", "committing", "waiting_acks", "aborting", "done", "held",
     "resolving")
 STATEMENT_COMPLETION_UNKNOWN = "40003"
+REFUSING = "refusing transaction"     # a member's vote refused by the generation rules
 
 
 @dataclass
@@ -356,6 +357,14 @@ class Coordinator:
         assert gid not in self.txns, gid
         t = self.txns[gid] = _CoordTxn(gid, self.generation, now_ms, last_retry_ms=now_ms,
                                        hold=hold)
+        num = (parse_gid(gid) or (0, 0))[1]
+        if num != self.generation.num:
+            # Prepared under an earlier generation: its members' votes are
+            # refused (the generation fence), so it aborts now.
+            return self._abort(t, SERIALIZATION_FAILURE,
+                               "transaction aborted because the cluster switched to "
+                               f"generation {self.generation.num} while it was being "
+                               "prepared")
         return self._maybe_precommit(t, now_ms)
 
     def knows(self, gid: str) -> bool:
@@ -497,6 +506,10 @@ class Coordinator:
         return []
 
     def _client_error(self, v: Vote) -> tuple[str, str]:
+        if v.message.startswith(REFUSING):
+            return (SERIALIZATION_FAILURE,
+                    f"transaction aborted by a generation change (node {v.sender}: "
+                    f"{v.message})")
         if v.sqlstate in CONFLICT_STATES:
             return (SERIALIZATION_FAILURE,
                     f"could not serialize access: the transaction conflicts with a concurrent "
@@ -585,7 +598,7 @@ class Coordinator:
             t.precommit_acks.add(self.node_id)
             return [CommitLocal(gid)]
         t.state = ABORTING
-        t.reply = Reply(gid, False, TRANSACTION_ROLLBACK,
+        t.reply = Reply(gid, False, SERIALIZATION_FAILURE,
                         f"transaction aborted: the cluster switched to generation "
                         f"{self.generation.num} before it was precommitted on a majority, "
                         f"and decided to roll it back")
@@ -596,7 +609,7 @@ class Coordinator:
         out = []
         for t in list(self.txns.values()):
             if t.state == VOTING and t.generation.num != gen.num:
-                out += self._abort(t, TRANSACTION_ROLLBACK,
+                out += self._abort(t, SERIALIZATION_FAILURE,
                                    "transaction aborted because the cluster switched to "
                                    f"generation {gen.num} while it was being prepared")
         return out
@@ -737,12 +750,12 @@ class Participant:
         gen = parse_gid(gid)[1]
         if ok and gen != self.generation.num:
             # mmts: a node of generation N does not take part in older ones.
-            ok, sqlstate = False, TRANSACTION_ROLLBACK
-            message = (f"refusing transaction of generation {gen}: node {self.node_id} is in "
+            ok, sqlstate = False, SERIALIZATION_FAILURE
+            message = (f"{REFUSING} of generation {gen}: node {self.node_id} is in "
                        f"generation {self.generation.num}")
         elif ok and not self.online:
-            ok, sqlstate = False, TRANSACTION_ROLLBACK
-            message = (f"refusing transaction: node {self.node_id} is not online in "
+            ok, sqlstate = False, SERIALIZATION_FAILURE
+            message = (f"{REFUSING}: node {self.node_id} is not online in "
                        f"generation {self.generation.num}")
         if t.vote is None:
             t.vote = Vote(gid, self.node_id, ok, sqlstate, message)

@@ -11,6 +11,11 @@ connection that peer opened. Frames: Byte1 type, UInt32 length, payload.
   confirms its slot up to it);
 - 'J' a commit-protocol message (``replication.commit``) as JSON.
 
+A second connection per direction carries the consensus traffic
+(``replication/control.py``), so that heartbeats never queue behind a
+large transaction: it opens with 'G' (UInt32 sender node id) and carries
+'C' frames, each one ``consensus.service`` payload.
+
 A frame longer than ``MAX_FRAME`` is a protocol error: the connection is
 dropped and re-established (the stream resumes from the confirmed LSN).
 """
@@ -42,6 +47,14 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 
 def hello(node_id: int) -> bytes:
     return frame(b"H", _I.pack(node_id))
+
+
+def control_hello(node_id: int) -> bytes:
+    return frame(b"G", _I.pack(node_id))
+
+
+def control(payload: bytes) -> bytes:
+    return frame(b"C", payload)
 
 
 def replication(lsn: int, payload: bytes) -> bytes:

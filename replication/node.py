@@ -29,6 +29,7 @@ are prepared and that no client is waiting for (``_resolve_orphans``).
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 import traceback
@@ -47,6 +48,7 @@ from . import pgoutput as po
 from .apply import (APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared,
                     Skipped)
 from .cluster import PUBLICATION, read_secret, slot_name
+from .generations import MARKER_PREFIX, Generations
 from .pgpool import PgUnavailable, Pool
 from .stream import SlotStream, StreamError
 
@@ -159,6 +161,11 @@ class ReplicationNode:
         # a transaction boundary (its confirmed LSN).
         self.link_epoch: dict[int, int] = {p: 0 for p in self.peers}
         self.incoming: dict[int, asyncio.StreamWriter] = {}
+        # peer -> commit time (pgoutput microseconds) of the last transaction
+        # of its stream done here: the catch-up lag (generations.py)
+        self.applied_ts: dict[int, int] = {}
+        # the consensus service and what the node does with its decisions
+        self.gens = Generations(self, cfg.state_path())
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -170,6 +177,7 @@ class ReplicationNode:
         await self._fence_previous_life()
         host, port = parse_address(self.cfg.node.internode_listen)
         self.server = await asyncio.start_server(self._incoming, host, port, reuse_address=True)
+        await self.gens.start()
         for peer in self.peers:
             self._spawn(f"outgoing link to {peer}", self._outgoing, peer)
             self._spawn(f"sender to {peer}", self._sender, peer)
@@ -248,6 +256,7 @@ class ReplicationNode:
         self.ready.clear()
         waiting = self.coord.reset()
         self.part.reset()
+        self.gens.pg_lost()
         self.log.error("postgres_lost", transactions_in_flight=len(waiting))
         for gid in waiting:
             fut = self.waiters.pop(gid, None)
@@ -273,6 +282,7 @@ class ReplicationNode:
         self.log.info("postgres_back")
 
     async def stop(self) -> None:
+        await self.gens.stop()
         for t in (*self.tasks, *self._handlers):
             t.cancel()
         await asyncio.gather(*self.tasks, *self._handlers, return_exceptions=True)
@@ -294,6 +304,12 @@ class ReplicationNode:
 
     # -- the commit protocol, for client sessions -----------------------------------
 
+    def gate(self) -> str | None:
+        """For client sessions: why this node may not serve them now."""
+        if self.gens.serving():
+            return None
+        return self.gens.not_online_message()
+
     def next_gid(self) -> str:
         # Microseconds since the epoch, strictly increasing: gids order by
         # when their commits began (wound-wait compares them).
@@ -314,6 +330,10 @@ class ReplicationNode:
             return cp.Reply(gid, False, cp.STATEMENT_COMPLETION_UNKNOWN,
                             f"the local PostgreSQL server was lost while {gid} was being "
                             "prepared; its outcome is not known yet")
+        if not self.gens.participating():
+            await self._finish_prepared(gid, False)
+            return cp.Reply(gid, False, cp.SERIALIZATION_FAILURE,
+                            f"transaction aborted: {self.gens.not_online_message()}")
         fut = asyncio.get_running_loop().create_future()
         self.waiters[gid] = fut
         await self.execute(self.coord.start(gid, _now_ms(), hold=hold))
@@ -382,12 +402,20 @@ class ReplicationNode:
     async def _execute_db(self, a) -> None:
         cls = a.__class__
         if cls is cp.PersistOwn:
-            ok = await self._record(a.gid, "p") == "p"
+            self.gens.precommit_writing(a.gid, True)
+            try:
+                ok = await self._record(a.gid, "p") == "p"
+            finally:
+                self.gens.precommit_writing(a.gid, False)
             if ok:
                 failpoints.hit("after_precommit_durable", self.log, gid=a.gid)
             await self.execute(self.coord.persisted(a.gid, _now_ms(), ok=ok))
         elif cls is cp.Persist:
-            ok = await self._record(a.gid, "p") == "p"
+            self.gens.precommit_writing(a.gid, True)
+            try:
+                ok = await self._record(a.gid, "p") == "p"
+            finally:
+                self.gens.precommit_writing(a.gid, False)
             await self.execute(self.part.persisted(a.gid, ok))
             if ok:
                 failpoints.hit("member_after_precommit", self.log, gid=a.gid)
@@ -466,9 +494,11 @@ class ReplicationNode:
                 if self.coord.knows(gid) or gid in self.waiters or (
                         now - self.issued.get(base, -1e9) < ISSUED_GRACE_S):
                     continue
-                own = own.decode() if isinstance(own, bytes) else own
-                self.log.info("orphan_recovered", gid=gid, own_precommit=own)
-                await self.execute(self.coord.recover(gid, own, _now_ms()))
+                # With generations the cluster decides in-doubt gids (the
+                # log's Decide entries, generations.py): one of an earlier
+                # generation is reported there; one of the current
+                # generation first makes a new one.
+                self.gens.orphan(gid)
 
     async def _is_local(self, namespace: str, name: str) -> bool:
         row = await self._fetchone(
@@ -665,20 +695,20 @@ class ReplicationNode:
         """Refresh mtm.node_state for mtm.status()/nodes()/ping()."""
         while True:
             connected = self.connected_peers()
-            status = "online" if len(connected) == len(self.peers) else "isolated"
+            view = self.gens.view()
             try:
                 await self.ready.wait()
                 await self._sql(
-                    "INSERT INTO mtm.node_state (id, status, gen_num, gen_members, connected) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "INSERT INTO mtm.node_state (id, status, gen_num, gen_members, connected, "
+                    "consensus) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
                     "status = excluded.status, gen_num = excluded.gen_num, "
                     "gen_members = excluded.gen_members, connected = excluded.connected, "
-                    "updated_at = clock_timestamp()",
-                    (self.id, status, self.generation.num, sorted(self.generation.members),
-                     connected))
+                    "consensus = excluded.consensus, updated_at = clock_timestamp()",
+                    (self.id, view["user_status"], view["gen_num"], view["members"], connected,
+                     json.dumps(view)))
             except (psycopg.Error, PgUnavailable) as e:
                 self.log.warning("state_publish_failed", error=str(e).strip())
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
 
     # -- links ------------------------------------------------------------------------------
 
@@ -708,13 +738,24 @@ class ReplicationNode:
         frames = link.FrameReader()
         peer = None
         epoch = 0
+        control = False
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     return
                 for kind, payload in frames.feed(data):
-                    if kind == b"H":
+                    if control and kind == b"C":
+                        self.gens.service.receive(peer, payload)
+                    elif kind == b"G" and peer is None:
+                        peer = int.from_bytes(payload, "big")
+                        if peer not in self.peers:
+                            self.log.error("link_refused", peer=peer, reason="unknown node id")
+                            return
+                        control = True
+                    elif control:
+                        raise link.LinkError(f"frame {kind!r} on a consensus link")
+                    elif kind == b"H":
                         peer = int.from_bytes(payload, "big")
                         if peer not in self.peers:
                             self.log.error("link_refused", peer=peer, reason="unknown node id")
@@ -742,7 +783,7 @@ class ReplicationNode:
         except (OSError, link.LinkError) as e:
             self.log.warning("link_error", peer=peer, error=str(e))
         finally:
-            if peer is not None and self.incoming.get(peer) is writer:
+            if peer is not None and not control and self.incoming.get(peer) is writer:
                 del self.incoming[peer]
             writer.close()
 
@@ -985,19 +1026,21 @@ class ReplicationNode:
         finishes: list[asyncio.Future] = []         # not yet done: later prepares wait
         target: _Worker | None = None       # receives the rest of the current transaction
         entry: list | None = None
+        marker = 0              # the generation marker in the current transaction
         loop = asyncio.get_running_loop()
 
         def acknowledge(_=None) -> None:
             last = None
             while order and order[0][0] is not None and order[0][1].done():
-                last = order.popleft()[0]
+                last = order.popleft()
             if last is None:
                 return
-            self.acked[peer] = last
-            self.send_to(peer, link.applied(last))
+            self.acked[peer] = last[0]
+            self.applied_ts[peer] = last[2]
+            self.send_to(peer, link.applied(last[0]))
 
-        def track(end, fut) -> list:
-            e = [end, fut]
+        def track(end, fut, ts=0) -> list:
+            e = [end, fut, ts]
             order.append(e)
             fut.add_done_callback(acknowledge)
             return e
@@ -1033,9 +1076,21 @@ class ReplicationNode:
                     await w.queue.put((msg, None, None))
                 continue
             if target is not None:
+                if cls is po.Message and msg.prefix == MARKER_PREFIX:
+                    marker = int(msg.content)
                 await target.queue.put((msg, target.current, None))
                 if cls is po.Prepare or cls is po.Commit:
                     entry[0] = msg.end_lsn
+                    entry[2] = msg.prepare_ts if cls is po.Prepare else msg.commit_ts
+                    if marker:
+                        # A plain commit starts once everything before it
+                        # in the stream is done: when it is done, so is
+                        # every transaction the peer prepared before its
+                        # switch to generation ``marker``.
+                        entry[1].add_done_callback(
+                            lambda f, n=marker: f.cancelled() or f.exception() is not None
+                            or self.gens.marker_applied(peer, n))
+                        marker = 0
                     target = entry = None
                     acknowledge()
                 continue
@@ -1064,7 +1119,8 @@ class ReplicationNode:
                     await self._abandon(peer, msg.gid)
                 fut = loop.create_future()
                 finishes.append(fut)
-                track(msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn, fut)
+                track(msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn, fut,
+                      msg.commit_ts if cls is po.CommitPrepared else msg.rollback_ts)
                 await finisher.queue.put((msg, fut, before))
             elif cls is po.Message and not msg.transactional:
                 continue
@@ -1142,6 +1198,13 @@ class ReplicationNode:
                                   if by_gid else "its apply was cancelled")
             self.log.info("apply_vote_failed", peer=peer, gid=r.gid, sqlstate=r.sqlstate,
                           message=r.message)
+            if cp.parse_gid(r.gid)[1] != self.generation.num or not self.gens.participating():
+                # Our vote does not count (we are outside the transaction's
+                # generation, catching up): the transaction may commit
+                # without us, so it must not be skipped here. Start the
+                # stream over from what we acknowledged and apply it again.
+                raise ApplyError(f"could not apply {r.gid} from node {peer} while catching up "
+                                 f"({r.sqlstate}: {r.message}); retrying")
             await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))
         elif isinstance(r, Finished) and r.gid is not None:
             await self.execute(self.part.finished(r.gid, r.committed, r.here))

@@ -385,13 +385,25 @@ def test_monitoring_functions(cluster):
     for i in (1, 2, 3):
         assert cluster.pings(i)
     for i in (1, 2, 3):
-        [st] = rows(cluster, i, "SELECT * FROM mtm.status()")
-        assert st == (i, "online", sorted({1, 2, 3} - {i}), 1, [1, 2, 3], [1, 2, 3], [1, 2, 3])
+        [st] = rows(cluster, i, "SELECT my_node_id, status, connected, gen_members, "
+                                "gen_members_online, gen_configured, gen_donors, lease_valid, "
+                                "agreed, raft_role IN ('leader', 'follower'), raft_term > 0, "
+                                "raft_leader, suspects, gen_num FROM mtm.status()")
+        assert st[:12] == (i, "online", sorted({1, 2, 3} - {i}), [1, 2, 3], [1, 2, 3],
+                           [1, 2, 3], [1, 2, 3], True, True, True, True, st[11])
+        assert st[11] in (1, 2, 3) and st[12] == []
+        # every node agrees on the generation (a fresh cluster's first
+        # generation is replaced when the nodes first start: they restarted
+        # while ONLINE in generation 1)
+        gens = {rows(cluster, j, "SELECT gen_num FROM mtm.status()")[0][0] for j in (1, 2, 3)}
+        assert gens == {st[13]} and st[13] >= 2
         nodes = rows(cluster, i, "SELECT id, conninfo, is_self, connected, "
-                                 "replication_lag_bytes >= 0, sender_pid IS NOT NULL OR is_self "
+                                 "replication_lag_bytes >= 0, sender_pid IS NOT NULL OR is_self, "
+                                 "status, last_online_in, is_raft_leader, suspected "
                                  "FROM mtm.nodes()")
-        assert [(n[0], n[2], n[3], n[4], n[5]) for n in nodes] == \
-            [(j, j == i, True, True, True) for j in (1, 2, 3)]
+        assert [(n[0], n[2], n[3], n[4], n[5], n[6], n[7], n[9]) for n in nodes] == \
+            [(j, j == i, True, True, True, "online", st[13], False) for j in (1, 2, 3)]
+        assert [n[0] for n in nodes if n[8]] == [st[11]]
         assert all(n[1].startswith("127.0.0.1:") for n in nodes)
     # a node whose proxy stopped refreshing its state reports itself
     # disabled and ping fails; inside this transaction our row lock keeps

@@ -106,6 +106,7 @@ class ConsensusService:
         self.ticks = 0
         self.last_status: dict[int, pol.Status] = {}
         self.started = False
+        self.paused = False
         self.catching_up = False      # set by the host: outside, links up, streaming
         self.lease_lapses = 0         # times an ONLINE node's read lease ran out
         self._lapsed = True
@@ -138,6 +139,23 @@ class ConsensusService:
             self.fresh_gen = self.gens.gen.num
             self.lease.revoke()
 
+    def pause(self, paused: bool) -> None:
+        """While paused (the node's database is unreachable) the node is
+        silent: it neither ticks nor answers, so the others elect a leader
+        without it and exclude it, as they would a crashed node - a node
+        that answered but could not vote would stall every commit. Its
+        durable state is kept; on resume it takes no part until a later
+        generation (``mark_fresh``)."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        self.mark_fresh()
+        if not paused:
+            now = _now_ms()
+            self.fd.loop_tick(now - 10 * self.fd.suspect_ms, now)   # its silence was its own
+        self._log("warning" if paused else "info", "consensus_paused" if paused
+                  else "consensus_resumed")
+
     # -- inputs -----------------------------------------------------------------------------------
 
     def receive(self, peer: int, data: bytes) -> None:
@@ -155,6 +173,8 @@ class ConsensusService:
     async def _run(self) -> None:
         while True:
             ev = await self.queue.get()
+            if self.paused:
+                continue
             try:
                 if ev[0] == "tick":
                     await self._tick(ev[1], ev[2])

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import psycopg
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class RoundResult:
     victim_back_s: float | None
     rates: dict = field(default_factory=dict)   # node -> phase -> [ok/s, fail+info/s]
     prepared_wait_s: float = 0.0
+    online_wait_s: float = 0.0          # DataSync: until every node is ONLINE in one generation
     violations: list = field(default_factory=list)
 
 
@@ -194,6 +197,18 @@ class Campaign:
             time.sleep(0.2)
         else:
             problems.append(f"nodes differ: {hashes}")
+        states: dict = {}
+        t2 = time.monotonic()
+        while time.monotonic() - t2 < 30:
+            states = {i: self._state(i) for i in c.ids}
+            if len(set(states.values())) == 1 and all(s[0] == "online"
+                                                      for s in states.values()):
+                break
+            time.sleep(0.2)
+        else:
+            problems.append(f"nodes not all ONLINE in one generation: {states}")
+        if r is not None:
+            r.online_wait_s = round(time.monotonic() - t2, 2)
         finals = {i: self.workload.final_state(c.node(i).direct_dsn()) for i in c.ids}
         self.finals = finals
         result = self.workload.check(self.history, finals)
@@ -201,6 +216,15 @@ class Campaign:
             problems.append("checker: " + result.report())
         self.last_check = result
         return problems
+
+    def _state(self, i: int) -> tuple:
+        """(status, generation, members) as node i's mtm.status() shows them."""
+        try:
+            st, num, members = self.cluster.direct(
+                i, "SELECT status, gen_num, gen_members FROM mtm.status()")[0]
+            return (st, num, tuple(members))
+        except psycopg.Error as e:
+            return ("unreachable", str(e).strip()[:60], ())
 
     def _hashes(self, i: int) -> dict:
         out = {}

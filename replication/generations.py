@@ -113,8 +113,8 @@ class Generations:
     def participating(self) -> bool:
         return self.service.participating()
 
-    def pg_lost(self) -> None:
-        self.service.mark_fresh()
+    def pg_lost(self, lost: bool = True) -> None:
+        self.service.pause(lost)
         self._sync_cores()
 
     def not_online_message(self) -> str:

@@ -178,34 +178,22 @@ class Campaign:
         c = self.cluster
         problems: list[str] = []
         t0 = time.monotonic()
-        left: dict = {}
-        while time.monotonic() - t0 < timeout_s:
-            left = {i: c.prepared(i) for i in c.ids}
-            if not any(left.values()):
-                break
-            time.sleep(0.2)
-        else:
+        left, ok = _poll(lambda: {i: c.prepared(i) for i in c.ids},
+                         lambda v: not any(v.values()), timeout_s)
+        if not ok:
             problems.append(f"prepared transactions left after {timeout_s:g} s: {left}")
         if r is not None:
             r.prepared_wait_s = round(time.monotonic() - t0, 2)
-        hashes: dict = {}
-        t1 = time.monotonic()
-        while time.monotonic() - t1 < 30:
-            hashes = {i: self._hashes(i) for i in c.ids}
-            if len({json.dumps(h, sort_keys=True) for h in hashes.values()}) == 1:
-                break
-            time.sleep(0.2)
-        else:
+        hashes, ok = _poll(lambda: {i: self._hashes(i) for i in c.ids},
+                           lambda v: len({json.dumps(h, sort_keys=True)
+                                          for h in v.values()}) == 1, 30)
+        if not ok:
             problems.append(f"nodes differ: {hashes}")
-        states: dict = {}
         t2 = time.monotonic()
-        while time.monotonic() - t2 < 30:
-            states = {i: self._state(i) for i in c.ids}
-            if len(set(states.values())) == 1 and all(s[0] == "online"
-                                                      for s in states.values()):
-                break
-            time.sleep(0.2)
-        else:
+        states, ok = _poll(lambda: {i: self._state(i) for i in c.ids},
+                           lambda v: len(set(v.values())) == 1
+                           and all(s[0] == "online" for s in v.values()), 30)
+        if not ok:
             problems.append(f"nodes not all ONLINE in one generation: {states}")
         if r is not None:
             r.online_wait_s = round(time.monotonic() - t2, 2)
@@ -254,6 +242,18 @@ class Campaign:
         faults = r.fault if r is not None else ",".join(self.faults)
         return (f"python -m harness.run --seed {self.seed} --first-round {k} --rounds 1 "
                 f"--workload {self.workload_name} --faults {faults} --hold-s {self.hold_s:g}")
+
+
+def _poll(read, good, timeout_s: float, interval_s: float = 0.2) -> tuple:
+    """Read until ``good(value)`` or ``timeout_s``: (last value, whether good)."""
+    t0 = time.monotonic()
+    while True:
+        v = read()
+        if good(v):
+            return v, True
+        if time.monotonic() - t0 >= timeout_s:
+            return v, False
+        time.sleep(interval_s)
 
 
 def format_round(r: RoundResult) -> str:

@@ -14,7 +14,7 @@ import time
 import psycopg
 import pytest
 
-from harness.cluster import ClusterUnderTest
+from harness.cluster import ClusterUnderTest, _wait
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +27,6 @@ def c(workdir):
         conn.execute("CREATE TABLE fo (id bigserial PRIMARY KEY, node int, k int)")
     yield cl
     cl.stop()
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _state(c, i: int) -> tuple:

@@ -154,6 +154,11 @@ class LimitsConfig:
     # Appliers per peer: transactions of one peer that were prepared there
     # at the same time are applied side by side (replication/node.py).
     apply_workers: int = 4
+    # WAL this node keeps for a peer that is away (PostgreSQL's
+    # max_slot_wal_keep_size, set by the proxy; 0: unbounded). A peer away
+    # for longer cannot catch up and must be copied again
+    # (docs/generations.md, "A node that was away too long").
+    absent_node_wal_limit_mb: int = 4096
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,7 @@ _POSITIVE = {"id", "port", "connect_timeout_ms", "shutdown_grace_ms", "heartbeat
              "heartbeat_timeout_ms", "max_client_connections", "client_startup_timeout_ms",
              "commit_vote_timeout_ms", "apply_lock_timeout_ms", "client_ready_wait_ms", "read_lease_ms",
              "write_buffer_high_bytes", "write_buffer_low_bytes", "apply_workers"}
+_NON_NEGATIVE = {"absent_node_wal_limit_mb"}
 
 def _describe(v: object) -> str:
     if isinstance(v, dict):
@@ -264,6 +270,8 @@ def _scalar(tp, value, name: str, key: str, src: str, f):
         raise ConfigError(f"{src}: {key}: expected true or false, got {_describe(value)}")
     if tp is int and name in _POSITIVE and value <= 0:
         raise ConfigError(f"{src}: {key}: expected a positive integer, got {value}")
+    if tp is int and name in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{src}: {key}: expected 0 or a positive integer, got {value}")
     check = f.metadata.get("check")
     if check is not None:
         try:

@@ -173,6 +173,13 @@ class Status:
     lease: bool = False
     round: int = 0
     resolving: tuple[str, ...] = ()
+    # 0, or (the node ONLINE) the lowest generation of a gid prepared there,
+    # else its generation: precommit records of gids below every node's may
+    # go (replication/generations.py, ``settled_gen``)
+    settled: int = 0
+    # the node can no longer get every peer's transactions (a peer dropped
+    # the WAL it needs): it must leave the generation and stay out
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,8 @@ def encode_message(m) -> bytes:
              "online": None if m.online is None else [m.online.node, m.online.num],
              "prepared_old": sorted(m.prepared_old),
              "answers": [[g, a] for g, a in m.answers], "echo": list(m.echo),
-             "lease": m.lease, "round": m.round, "resolving": list(m.resolving)}
+             "lease": m.lease, "round": m.round, "resolving": list(m.resolving),
+             "settled": m.settled, "disabled": m.disabled}
     else:
         raise TypeError(f"not a policy message: {m!r}")
     d["v"] = WIRE_VERSION
@@ -254,8 +262,9 @@ def decode_message(data: bytes):
     t = d.get("t")
     keys = {"grant": {"v", "t", "node", "sent_ms", "term"},
             "status": {"v", "t", "node", "sent_ms", "term", "gen", "applied", "sees",
-                       "lag_ms", "last_online_in", "fresh", "join", "online", "prepared_old", "answers", "echo",
-                       "lease", "round", "resolving"}}.get(t)
+                       "lag_ms", "last_online_in", "fresh", "join", "online", "prepared_old",
+                       "answers", "echo", "lease", "round", "resolving", "settled",
+                       "disabled"}}.get(t)
     if keys is None:
         raise PolicyDecodeError(f"unknown message type {t!r}")
     if set(d) != keys:
@@ -291,7 +300,8 @@ def decode_message(data: bytes):
                   prepared_old=frozenset(_strs(d["prepared_old"], "prepared_old")),
                   answers=tuple(answers), echo=(_n(e0, "echo term"), _n(e1, "echo round")),
                   lease=_b(d["lease"], "lease"), round=_n(d["round"], "round"),
-                  resolving=tuple(_strs(d["resolving"], "resolving")))
+                  resolving=tuple(_strs(d["resolving"], "resolving")),
+                  settled=_n(d["settled"], "settled"), disabled=_b(d["disabled"], "disabled"))
 
 
 # --- failure detector -----------------------------------------------------------------------------
@@ -401,7 +411,7 @@ class LeaderPolicy:
         self.config = config or PolicyConfig()
         self.started_ms = now_ms
         self.statuses: dict[int, tuple[Status, int]] = {}     # node -> (latest, rx)
-        self.connected_since: dict[int, int] = {}
+        self.connected_since: dict[tuple[int, int], int] = {}     # (non-member, member)
         self.excluding: frozenset[int] = frozenset()
         self.broken_since: int | None = None
         self._lead: _LeaderState | None = None
@@ -508,19 +518,43 @@ class LeaderPolicy:
         def mutual(a: int, b: int) -> bool:
             return b in sees(a) and a in sees(b)
 
-        # Non-members: how long each has been connected to every member.
+        # Non-members: since when each has been connected to each member
+        # (both ways), per pair: a member that dies does not reset a
+        # joiner's standing with the others.
         for j in gen.configured - gen.members:
-            if j in alive and all(mutual(j, m) for m in gen.members if m in alive) \
-                    and gen.members <= alive:
-                self.connected_since.setdefault(j, now_ms)
-            else:
-                self.connected_since.pop(j, None)
-        for m in gen.members:
-            self.connected_since.pop(m, None)
+            for m in gen.members:
+                if j in alive and m in alive and mutual(j, m):
+                    self.connected_since.setdefault((j, m), now_ms)
+                else:
+                    self.connected_since.pop((j, m), None)
+        for key in [k for k in self.connected_since if k[0] in gen.members]:
+            del self.connected_since[key]
 
-        stuck = frozenset()
+        def joiner(among) -> int | None:
+            """A non-member connected to every node of ``among`` for
+            ``restable_ms`` and caught up with its donor (``Status.join``)."""
+            for j in sorted(gen.configured - gen.members):
+                st = recent.get(j)
+                if st is None or not among:
+                    continue
+                if any(now_ms - self.connected_since.get((j, m), now_ms) < cfg.restable_ms
+                       or (j, m) not in self.connected_since for m in among):
+                    continue
+                if st.join is None or st.join.lag_ms > cfg.join_lag_ms or st.gen != gen.num:
+                    continue
+                return j
+            return None
+
+        # Members that restarted while ONLINE: their links come up one by
+        # one after the restart, so their clique is not judged before
+        # ``restable_ms`` (a healthy peer they had not reached yet was
+        # excluded with a grace of 250 ms).
+        restarted = {m for m in gen.members
+                     if (st := recent.get(m)) is not None and st.fresh and st.gen == gen.num}
+        stuck = frozenset(m for m in gen.members
+                          if (st := recent.get(m)) is not None and st.disabled)
         if now_ms - ld.gen_seen[1] >= cfg.recovery_timeout_ms:
-            stuck = frozenset(m for m in gen.members if state.status(m) == RECOVERY)
+            stuck |= frozenset(m for m in gen.members if state.status(m) == RECOVERY)
         cand = sorted((gen.members & alive) - stuck)
         if all(mutual(a, b) for a, b in combinations(cand, 2)):
             clique = frozenset(cand)          # only silent (or stuck) members are out
@@ -533,7 +567,8 @@ class LeaderPolicy:
             # a broken clique once it has lasted ``clique_grace_ms``.
             if self.broken_since is None:
                 self.broken_since = now_ms
-            if now_ms - self.broken_since < cfg.clique_grace_ms:
+            grace = cfg.restable_ms if restarted & set(cand) else cfg.clique_grace_ms
+            if now_ms - self.broken_since < grace:
                 clique = gen.members
             else:
                 heard = fd.last_heard
@@ -554,28 +589,31 @@ class LeaderPolicy:
         if now_ms - self.started_ms < cfg.suspect_ms:
             return      # statuses not collected for a full suspect period yet
         if clique != gen.members or fresh:
-            if len(clique) < majority(len(gen.configured)):
-                return
+            members = clique
+            if len(members) < majority(len(gen.configured)):
+                # Too few left for a generation: one that caught up from
+                # them may make the majority (its donor holds what the
+                # excluded hold of what committed: the donors rule).
+                j = joiner(clique)
+                if j is None:
+                    return
+                members = clique | {j}
+                if len(members) < majority(len(gen.configured)):
+                    return
             if not all(self.can_exclude(x, now_ms) for x in self.excluding):
                 return
-            donors = state.donors_for(clique)
+            donors = state.donors_for(members)
             if donors:
-                out.append(Gen(gen.num + 1, clique, gen.configured, donors))
+                out.append(Gen(gen.num + 1, members, gen.configured, donors))
             return
-        if not state.may_commit():
+        if not state.may_commit() or not gen.members <= alive:
             return
-        for j in sorted(gen.configured - gen.members):
-            st = recent.get(j)
-            since = self.connected_since.get(j)
-            if st is None or since is None or now_ms - since < cfg.restable_ms:
-                continue
-            if st.join is None or st.join.lag_ms > cfg.join_lag_ms or st.gen != gen.num:
-                continue
+        j = joiner(gen.members)
+        if j is not None:
             members = gen.members | {j}
             donors = state.donors_for(members)
             if donors:
                 out.append(Gen(gen.num + 1, members, gen.configured, donors))
-                return
 
     def _grants(self, ld: _LeaderState, state: GenState, term: int, unsafe) -> tuple:
         # The highest round a quorum of voters has echoed in this term.

@@ -79,6 +79,10 @@ class ConsensusService:
         os.makedirs(state_dir, exist_ok=True)
         self.storage = FileStorage(state_dir)
         restored = self.storage.load()
+        # A node that never ran (no Raft state at all: a new cluster) lost
+        # nothing in a restart: it is not "fresh" (below).
+        self._new = (restored.hard_state.term == 0 and restored.snapshot is None
+                     and not restored.entries)
         now = _now_ms()
         self.raft = raft.RaftNode(self_id, voters=self.configured, state=restored,
                                   rng=random.Random(int.from_bytes(os.urandom(8), "big")),
@@ -118,7 +122,8 @@ class ConsensusService:
         if self.raft.snapshot is not None:
             self.host.effects(self.gens.resync_effects())
         await self._drain()      # the first Readies hand out the committed prefix again
-        self.fresh_gen = self.gens.gen.num if self.gens.status() == ONLINE else None
+        self.fresh_gen = self.gens.gen.num if self.gens.status() == ONLINE and not self._new \
+            else None
         self._replayed = True
         self.started = True
         self.task = asyncio.create_task(self._run(), name="consensus")
@@ -278,7 +283,8 @@ class ConsensusService:
                           answers=tuple(f.get("answers", ())), echo=self.echo,
                           lease=st == ONLINE and self.fresh_gen != num,
                           round=rnd if leader else 0,
-                          resolving=self.resolving if leader else ())
+                          resolving=self.resolving if leader else (),
+                          settled=int(f.get("settled", 0)), disabled=bool(f.get("disabled")))
 
     # -- the Ready loop ---------------------------------------------------------------------------
 
@@ -334,7 +340,6 @@ class ConsensusService:
         """May this node serve clients (reads too): ONLINE in its generation,
         not fresh, and within a read lease."""
         now = _now_ms() if now_ms is None else now_ms
-        g = self.gens
         return self.participating() and self.lease.valid(now)
 
     def participating(self) -> bool:

@@ -162,6 +162,13 @@ class NodeUnderTest:
 
     def start_pg(self) -> None:
         if self.pg.pid() is None:
+            # A killed postmaster's pid and socket lock files name a process
+            # that is gone or a zombie not reaped yet (PID 1 here reaps
+            # late): PostgreSQL cannot tell a zombie from a live postmaster
+            # and refuses to start, so the stale files go.
+            (self.pg.datadir / "postmaster.pid").unlink(missing_ok=True)
+            for lock in Path(self.pg.sockdir).glob(".s.PGSQL.*.lock"):   # (the same)
+                lock.unlink(missing_ok=True)
             self.pg.start()
 
     def pause_pg(self) -> None:
@@ -193,7 +200,7 @@ class ClusterUnderTest:
     def __init__(self, base: str | os.PathLike, n: int = 3, *, timeouts: dict | None = None,
                  relay_links: bool = True, relay_clients: bool = False, fsync: bool = False,
                  log_level: str = "info", pg_settings: dict | None = None,
-                 database: str = "postgres", before_init=None):
+                 database: str = "postgres", before_init=None, limits: dict | None = None):
         """``database``: the one the proxies replicate (``[postgres]
         database``); ``before_init(node)`` runs once each server is up,
         before ``mmproxy init-cluster`` (e.g. to create that database)."""
@@ -202,6 +209,7 @@ class ClusterUnderTest:
         os.chmod(self.base, 0o755)
         self.n = n
         self.timeouts = dict(timeouts or {})
+        self.limits = dict(limits or {})
         self.fsync = fsync
         self.log_level = log_level
         self.pg_settings = {"max_connections": "300", **(pg_settings or {})}
@@ -234,6 +242,7 @@ class ClusterUnderTest:
             f"node_address = \"{self._node_address(i, j)}\"\n"
             for j in self.ids if j != i)
         timeouts = "".join(f"{k} = {v}\n" for k, v in self.timeouts.items())
+        limits = "".join(f"{k} = {v}\n" for k, v in self.limits.items())
         node.config.write_text(f"""# node {i} of a cluster under test (harness/cluster.py)
 [node]
 id = {i}
@@ -248,6 +257,8 @@ database = "{self.database}"
 [timeouts]
 shutdown_grace_ms = 2000
 {timeouts}
+[limits]
+{limits}
 [log]
 level = "{self.log_level}"
 file = "{node.log_file}"
@@ -314,10 +325,27 @@ file = "{node.log_file}"
     def wait_ping(self, i: int, timeout: float = 60) -> None:
         _wait(lambda: self.ping(i), timeout, f"mtm.ping() on node {i}")
 
+    def settled(self) -> bool:
+        """Every node ONLINE, all in one generation (mtm.status())."""
+        gens = set()
+        for i in self.ids:
+            try:
+                st, num = self.direct(i, "SELECT status, gen_num FROM mtm.status()")[0]
+            except psycopg.Error:
+                return False
+            if st != "online":
+                return False
+            gens.add(num)
+        return len(gens) == 1
+
+    def wait_settled(self, timeout: float = 60) -> None:
+        _wait(self.settled, timeout, "every node ONLINE in one generation")
+
     def direct(self, i: int, q: str, params=()) -> list:
         with psycopg.connect(self.nodes[i].direct_dsn(), autocommit=True,
                              application_name="mmproxy-harness-check") as conn:
-            return conn.execute(q, params).fetchall()
+            cur = conn.execute(q, params)
+            return cur.fetchall() if cur.description is not None else []
 
     def prepared(self, i: int) -> list[str]:
         return [r[0] for r in self.direct(i, "SELECT gid FROM pg_prepared_xacts "

@@ -68,6 +68,25 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
+def wait_online(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until the node behind the proxy on ``port`` serves: mtm.ping() is
+    true there (it is ONLINE and every member agrees on the generation)."""
+    import psycopg
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode}")
+        try:
+            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
+                                 "connect_timeout=2", autocommit=True) as conn:
+                if conn.execute("SELECT mtm.ping()").fetchone() == (True,):
+                    return
+        except psycopg.Error:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the node on port {port} is not ONLINE after {timeout:g}s")
+
+
 def demo_ports(nodes: int, base_port: int) -> list[int]:
     """Proxy i on base+i, its PostgreSQL on base+100+i, inter-node base+200+i."""
     return [base_port + off + i for off in (0, 100, 200) for i in range(1, nodes + 1)]
@@ -131,6 +150,10 @@ def run_demo(nodes: int, base_dir: str, base_port: int, keep: bool, log_level: s
                 cwd=Path(__file__).resolve().parent.parent))
         for i, proc in enumerate(proxies, start=1):
             wait_port(base_port + i, 30, proc)
+        if nodes > 1:
+            print("waiting for every node to be ONLINE in one generation ...", flush=True)
+            for i, proc in enumerate(proxies, start=1):
+                wait_online(base_port + i, 60, proc)
         kind = "a replicated cluster: write on any node, read on all" if nodes > 1 \
             else "a single node"
         print(f"\nmmproxy demo cluster is up: {nodes} node(s) under {base}, {kind}\n")

@@ -46,6 +46,18 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
     here (``mtm.applied``, which keeps every row above the horizon) -
     skip it; neither - apply it.
   - above: applied.
+- Catch-up (``catchup_for``): a node that is not ONLINE applies one
+  *donor's* stream carrying every origin (replication/sender.py, mode
+  ALL). Each transaction then names its true origin: the ORIGIN message
+  after BEGIN (the donor applied it from that node; its LSN is the origin's
+  own, kept along the chain), or none (the donor's own). The applier waits
+  for that message before it decides, always looks the transaction up
+  (prepared here? committed here, by ``mtm.applied`` or below the origin's
+  horizon?) and applies it under that origin's replication origin
+  (``mtm_node_<origin>[_k]``, set for the transaction and reset after it),
+  recording it in ``mtm.applied`` as the origin's: when the origin's own
+  stream resends it later, it is recognised. This node's own transactions
+  are never applied back.
 - DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
   order with the rows, and is run with the session context it was captured
   with: search_path, the settings that change what DDL does (origin's
@@ -103,6 +115,14 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """A prepared transaction of an earlier generation than this node's,
+    not applied here before: not applied now (a member that moved on never
+    votes for it; mmts: "refusing transaction due to generation switch")."""
+    gid: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """COMMIT/ROLLBACK (PREPARED) done locally."""
     gid: str | None
@@ -132,13 +152,30 @@ APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
 
 
 
+def worker_origin(node_id: int, worker: int) -> str:
+    """The replication origin applier ``worker`` uses for ``node_id``'s
+    transactions (PostgreSQL 15 lets one session at a time use an origin)."""
+    return origin_name(node_id) + (f"_{worker}" if worker else "")
+
+
 class Applier:
     def __init__(self, conn: psycopg.AsyncConnection, peer_id: int, *,
-                 lock_timeout_ms: int = 1000, worker: int = 0, log=None):
+                 lock_timeout_ms: int = 1000, worker: int = 0, log=None,
+                 catchup_for: int | None = None):
         assert conn.autocommit, "the applier manages transactions itself"
         self.conn = conn
         self.peer_id = peer_id
-        self.origin = origin_name(peer_id) + (f"_{worker}" if worker else "")
+        self.worker = worker
+        self.origin = worker_origin(peer_id, worker)
+        # Catching up (this node's id): the stream is a donor's, every origin
+        # in it (module docstring). Switched off at the donor's marker.
+        self.catchup_for = catchup_for
+        self._session_origin: str | None = None     # "?" after an error: unknown
+        self._pending = None        # a catch-up BEGIN waiting for its ORIGIN message
+        self._pending_origin: tuple[int, int] | None = None
+        self._src = peer_id         # origin node of the transaction being applied
+        self._horizons: dict[int, int] = {}        # catch-up: origin -> its apply horizon
+        self._refuse_next = False
         self.lock_timeout_ms = lock_timeout_ms
         self.log = log
         self.relations: dict[int, po.Relation] = {}
@@ -169,7 +206,9 @@ class Applier:
                                      (self.origin,))).fetchone()
         if row is None:
             await c.execute("SELECT pg_replication_origin_create(%s)", (self.origin,))
-        await c.execute("SELECT pg_replication_origin_session_setup(%s)", (self.origin,))
+        if self.catchup_for is None:
+            await c.execute("SELECT pg_replication_origin_session_setup(%s)", (self.origin,))
+            self._session_origin = self.origin
         await c.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
         await c.execute("SET check_function_bodies = off")
         await c.execute("SET session_replication_role = replica")
@@ -196,7 +235,7 @@ class Applier:
     @property
     def idle(self) -> bool:
         """Between transactions."""
-        return not self._in_txn and self._replay is None
+        return not self._in_txn and self._replay is None and self._pending is None
 
     @property
     def horizon_lsn(self) -> int:
@@ -212,7 +251,17 @@ class Applier:
         return po.parse_lsn(row[0]) if row and row[0] else 0
 
     def _applied_key(self, gid: str | None, end: int) -> str:
-        return gid if gid is not None else f"{self.peer_id}/{po.lsn_str(end)}"
+        return gid if gid is not None else f"{self._src}/{po.lsn_str(end)}"
+
+    def refuse_unknown(self) -> None:
+        """The next prepared transaction is of an earlier generation than
+        this node's: answer for it if it was applied here, else ``Refused``."""
+        self._refuse_next = True
+
+    def stop_catchup(self) -> None:
+        """The donor's stream carries only its own transactions from here on
+        (its marker of a generation this node joined): apply as usual."""
+        self.catchup_for = None
 
     async def _replay_answer(self, gid: str | None, end: int):
         """A transaction at or below the highest applied LSN: applied
@@ -227,7 +276,7 @@ class Applier:
         # one transaction, possibly after this applier was set up, so a
         # row missing here may be one trimmed as done.
         prepared, applied, horizon = await (await self.conn.execute(
-            REPLAY_STATE_SQL, (gid or "", self._applied_key(gid, end), self.peer_id))).fetchone()
+            REPLAY_STATE_SQL, (gid or "", self._applied_key(gid, end), self._src))).fetchone()
         if horizon is not None:
             self._horizon_lsn = max(self._horizon_lsn, po.parse_lsn(horizon))
             if end <= self._horizon_lsn:
@@ -240,16 +289,34 @@ class Applier:
 
     # -- the message loop --------------------------------------------------------
 
-    async def apply(self, msg) -> Prepared | PrepareFailed | Finished | None:
+    async def apply(self, msg) -> Prepared | PrepareFailed | Finished | Skipped | None:
         cls = msg.__class__
         if cls is po.Relation:
             self.relations[msg.relid] = msg
             return None
+        if self._pending is not None:
+            if cls is po.Origin:
+                self._pending_origin = (origin_node(msg.name), msg.origin_lsn)
+                return None
+            await self._begin_catchup()
+            if self._replay is not None and cls is not po.Commit and cls is not po.Prepare:
+                return None
         if cls is po.Type or cls is po.Origin:
             return None
+        if (cls is po.Begin or cls is po.BeginPrepare) and self.catchup_for is not None:
+            if self._in_txn or self._replay is not None:
+                raise ApplyError(f"BEGIN inside a transaction from node {self.peer_id}")
+            self._pending, self._pending_origin = msg, None
+            return None
         if cls is po.Begin or cls is po.BeginPrepare:
+            self._src = self.peer_id
             end = msg.final_lsn if cls is po.Begin else msg.end_lsn
             gid = getattr(msg, "gid", None)
+            if self._refuse_next and gid is not None:
+                self._refuse_next = False
+                answer = await self._replay_answer(gid, end)
+                self._replay = answer if answer is not None else Refused(gid)
+                return None
             if end <= max(self._applied_lsn, self._horizon_lsn):
                 self._replay = await self._replay_answer(gid, end)
                 if self.log is not None:
@@ -263,6 +330,7 @@ class Applier:
                 self.log.debug("apply_fresh", peer=self.peer_id, gid=gid, end=po.lsn_str(end),
                                applied=po.lsn_str(self._applied_lsn))
             await self._begin(gid)
+            self._use_origin(self.origin)
             self._key_lsn = end
             self._commit_lsn = end
             self._commit_ts = msg.commit_ts if cls is po.Begin else msg.prepare_ts
@@ -303,6 +371,71 @@ class Applier:
         except _MissingRow as e:
             await self._fail("02000", str(e))
         return None
+
+    async def _begin_catchup(self) -> None:
+        """Decide a catch-up transaction once its origin is known (the
+        ORIGIN message, or none: the donor's own): this node's own - never
+        applied back; known here - the answer for it; else apply it under
+        its origin's replication origin."""
+        msg, origin = self._pending, self._pending_origin
+        self._pending = self._pending_origin = None
+        prepared_txn = msg.__class__ is po.BeginPrepare
+        gid = msg.gid if prepared_txn else None
+        end = msg.end_lsn if prepared_txn else msg.final_lsn
+        src, key_lsn = origin if origin is not None else (self.peer_id, end)
+        if src == self.catchup_for or (gid is not None and cp_owner(gid) == self.catchup_for):
+            self._replay = Skipped(gid)      # our own transaction: we have it, or rolled it back
+            return
+        self._src = src
+        answer = await self._catchup_answer(gid, src, key_lsn)
+        if self.log is not None:
+            self.log.debug("apply_catchup", peer=self.peer_id, origin=src, gid=gid,
+                           lsn=po.lsn_str(key_lsn), answer=type(answer).__name__)
+        if answer is not None:
+            self._replay = answer
+            return
+        await self._begin(gid)
+        self._use_origin(worker_origin(src, self.worker))
+        self._key_lsn = key_lsn
+        self._commit_lsn = key_lsn
+        self._commit_ts = msg.commit_ts if not prepared_txn else msg.prepare_ts
+
+    async def _catchup_answer(self, gid: str | None, src: int, lsn: int):
+        """Is the transaction of ``src`` ending at ``lsn`` (its own LSN) done
+        here already? Always looked up: the donor's stream interleaves every
+        origin, so no position of ours says what it holds."""
+        if lsn <= self._horizons.get(src, 0):
+            return Skipped(gid)
+        prepared, applied, horizon = await (await self.conn.execute(
+            REPLAY_STATE_SQL, (gid or "", self._applied_key(gid, lsn), src))).fetchone()
+        if horizon is not None:
+            self._horizons[src] = po.parse_lsn(horizon)
+            if lsn <= self._horizons[src]:
+                return Skipped(gid)
+        if gid is not None and prepared:
+            return Prepared(gid)
+        if applied:
+            return Finished(gid, True, False, here=gid is not None)
+        return None
+
+    def _use_origin(self, name: str) -> None:
+        """Have this transaction recorded under replication origin ``name``."""
+        if self._session_origin == name:
+            return
+        if self._session_origin == "?":
+            self._add("SELECT pg_replication_origin_session_reset() "
+                      "WHERE pg_replication_origin_session_is_setup()")
+        elif self._session_origin is not None:
+            self._add("SELECT pg_replication_origin_session_reset()")
+        self._add(f"SELECT pg_replication_origin_session_setup({_quote(name)})")
+        self._session_origin = name
+
+    def _end_origin(self) -> None:
+        """After a catch-up transaction: hold no origin between transactions
+        (the origin's own stream may start applying with it)."""
+        if self.catchup_for is not None and self._session_origin is not None:
+            self._add("SELECT pg_replication_origin_session_reset()")
+            self._session_origin = None
 
     def _add(self, text: str, check: str | None = None) -> None:
         if check is not None:
@@ -366,7 +499,7 @@ class Applier:
 
     def _record_applied(self, gid: str | None) -> str:
         return (f"INSERT INTO mtm.applied (key, peer, lsn) VALUES "
-                f"({_quote(self._applied_key(gid, self._key_lsn))}, {int(self.peer_id)}, "
+                f"({_quote(self._applied_key(gid, self._key_lsn))}, {int(self._src)}, "
                 f"'{po.lsn_str(self._key_lsn)}') ON CONFLICT (key) DO NOTHING")
 
     def _origin_position(self) -> str:
@@ -376,6 +509,8 @@ class Applier:
     async def _rollback(self) -> None:
         self._copy_rel, self._copy_rows, self._copy_bytes = None, [], 0
         self._batch, self._checks, self._batch_bytes = [], [], 0
+        if self.catchup_for is not None:
+            self._session_origin = "?"     # the batch may or may not have reset it
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             await self.conn.execute("ROLLBACK")
 
@@ -396,6 +531,7 @@ class Applier:
             self._add(self._record_applied(None))
             self._add(self._origin_position())
             self._add("COMMIT")
+            self._end_origin()
             await self._send_batch()
         except psycopg.Error as e:
             await self._fail(e.sqlstate or "XX000", str(e).strip())   # raises ApplyError
@@ -416,6 +552,7 @@ class Applier:
             self._add(self._record_applied(msg.gid))
             self._add(self._origin_position())
             self._add(prepare)
+            self._end_origin()
             await self._send_batch()
         except psycopg.errors.DuplicateObject:
             # 42710: this gid is prepared here already - by an applier of a
@@ -609,6 +746,23 @@ class Applier:
 
 class _MissingRow(Exception):
     pass
+
+
+def origin_node(name: str) -> int | None:
+    """The node a replication origin name ``mtm_node_<id>[_k]`` stands for."""
+    parts = name.split("_")
+    if len(parts) >= 3 and parts[0] == "mtm" and parts[1] == "node" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def cp_owner(gid: str) -> int | None:
+    """The node that coordinates an mmproxy gid (``MTM-<node>-...``)."""
+    if gid.startswith("MTM-"):
+        head = gid[4:].split("-", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return None
 
 
 # SQL text is built here rather than with psycopg.sql: composing a few

@@ -527,7 +527,8 @@ CREATE FUNCTION mtm.status(
     OUT my_node_id int, OUT status text, OUT connected int[], OUT gen_num bigint,
     OUT gen_members int[], OUT gen_members_online int[], OUT gen_configured int[],
     OUT gen_donors int[], OUT raft_term bigint, OUT raft_leader int, OUT raft_role text,
-    OUT lease_valid bool, OUT suspects int[], OUT agreed bool, OUT catchup_lag_ms bigint)
+    OUT lease_valid bool, OUT suspects int[], OUT agreed bool, OUT catchup_lag_ms bigint,
+    OUT catchup_donor int)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
   SELECT n.id,
          CASE WHEN s.id IS NULL OR s.updated_at < clock_timestamp() - interval '3 seconds'
@@ -541,7 +542,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
          s.consensus ->> 'raft_role', (s.consensus ->> 'lease_valid')::bool,
          ARRAY(SELECT x::int FROM jsonb_array_elements_text(s.consensus -> 'suspects') x),
          coalesce((s.consensus ->> 'agreed')::bool, false),
-         (s.consensus ->> 'catchup_lag_ms')::bigint
+         (s.consensus ->> 'catchup_lag_ms')::bigint,
+         (s.consensus ->> 'catchup_donor')::int
   FROM mtm.nodes n LEFT JOIN mtm.node_state s ON s.id = n.id
   WHERE n.is_self
 $f$;
@@ -558,7 +560,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $f$
          n.is_self OR coalesce(n.id = ANY((SELECT st.connected FROM mtm.status() st)::int[]),
                                false),
          sl.active_pid, aw.pid, CASE WHEN n.is_self THEN 0 ELSE aw.workers::int END,
-         CASE WHEN n.is_self THEN NULL ELSE 'normal' END,
+         -- what this node applies from the peer (replication/receiver.py): its
+         -- own transactions (normal), every origin to catch up (recovery), nothing
+         CASE WHEN n.is_self THEN NULL
+              ELSE CASE me.consensus -> 'streams' -> n.id::text ->> 'applying'
+                     WHEN 'own' THEN 'normal' WHEN 'all' THEN 'recovery' ELSE 'off' END END,
          CASE WHEN n.is_self THEN 0
               ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), sl.confirmed_flush_lsn) END,
          ap.remote_lsn,

@@ -612,6 +612,16 @@ class Coordinator:
                 out += self._abort(t, SERIALIZATION_FAILURE,
                                    "transaction aborted because the cluster switched to "
                                    f"generation {gen.num} while it was being prepared")
+            elif t.state == WAITING_ACKS and t.generation.num != gen.num:
+                # Committed; members that left the generation will apply it
+                # when they catch up: the client need not wait for them.
+                gone = sorted(self._peers(t) - t.commit_acks - gen.members)
+                if gone:
+                    out += self._maybe_reply(t, warning=(
+                        f"the transaction is committed, but node(s) "
+                        f"{', '.join(map(str, gone))} did not confirm that they applied it "
+                        f"before they left the cluster's generation; they will apply it "
+                        f"when they catch up, and reads there may not see it until then"))
         return out
 
     def _silent(self, t: _CoordTxn, waiting_for, since_ms: int, now_ms: int) -> list[int]:
@@ -754,9 +764,10 @@ class Participant:
             message = (f"{REFUSING} of generation {gen}: node {self.node_id} is in "
                        f"generation {self.generation.num}")
         elif ok and not self.online:
-            ok, sqlstate = False, SERIALIZATION_FAILURE
-            message = (f"{REFUSING}: node {self.node_id} is not online in "
-                       f"generation {self.generation.num}")
+            # A member not ONLINE yet (recovering, or restarted) does not
+            # vote - and does not refuse either: once ONLINE it answers the
+            # coordinator's next VoteRequest from its database (recovered).
+            return []
         if t.vote is None:
             t.vote = Vote(gid, self.node_id, ok, sqlstate, message)
         return [Send(t.coordinator, t.vote)]
@@ -825,6 +836,8 @@ class Participant:
         t = self._txn(gid)
         if t is None or t.vote is not None or not (prepared or committed):
             return
+        if not committed and (parse_gid(gid)[1] != self.generation.num or not self.online):
+            return      # only an ONLINE member of its generation votes (invariant 4)
         t.vote = Vote(gid, self.node_id, True)
         if committed and t.finished is None:
             self.finished(gid, True)

@@ -9,7 +9,17 @@ connection that peer opened. Frames: Byte1 type, UInt32 length, payload.
   sender's walsender produced it (forwarded, never re-encoded);
 - 'A' applied: UInt64 LSN the receiver has durably applied (the sender
   confirms its slot up to it);
-- 'J' a commit-protocol message (``replication.commit``) as JSON.
+- 'J' a commit-protocol message (``replication.commit``) as JSON;
+- 'M' mode request, from the receiving node to the sender: Byte1 'o' (this
+  node's own transactions), 'a' (every origin: the receiver catches up from
+  this donor) or 'n' (nothing), then UInt32 the lowest generation whose
+  donor marker may end an 'a' stream (the one the receiver joins); resent
+  whenever the link comes up;
+- 'S' stream mode, from the sender: Byte1 as above, first frame of every
+  slot session, and again where the mode changes inside one ('a' to 'o' at
+  the donor's marker of a generation the receiver joined);
+- 'L' slot lost, from the sender: UTF-8 text - the WAL the receiver needs
+  from this node was removed (``max_slot_wal_keep_size``).
 
 A second connection per direction carries the consensus traffic
 (``replication/control.py``), so that heartbeats never queue behind a
@@ -63,6 +73,30 @@ def replication(lsn: int, payload: bytes) -> bytes:
 
 def applied(lsn: int) -> bytes:
     return frame(b"A", _Q.pack(lsn))
+
+
+OWN, ALL, NONE = b"o", b"a", b"n"
+MODES = (OWN, ALL, NONE)
+
+
+def mode_request(mode: bytes, join_gen: int = 0) -> bytes:
+    assert mode in MODES
+    return frame(b"M", mode + _I.pack(join_gen))
+
+
+def decode_mode_request(payload: bytes) -> tuple[bytes, int]:
+    if len(payload) != 5 or payload[:1] not in MODES:
+        raise LinkError(f"bad stream mode request {payload!r}")
+    return payload[:1], _I.unpack_from(payload, 1)[0]
+
+
+def stream_mode(mode: bytes) -> bytes:
+    assert mode in (OWN, ALL)
+    return frame(b"S", mode)
+
+
+def slot_lost(text: str) -> bytes:
+    return frame(b"L", text.encode())
 
 
 def protocol(msg) -> bytes:

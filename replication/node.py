@@ -8,13 +8,12 @@ finisher, see ``_dispatch``), the commit-protocol cores
 peers'), and a small pool of local connections that carry out the cores'
 actions (PERSIST, COMMIT/ROLLBACK PREPARED).
 
-What the sender forwards to a peer: only transactions made on this node
-(a transaction with an ORIGIN was applied from another node, which ships
-it itself), never changes to the ``mtm`` schema, and COMMIT/ROLLBACK
-PREPARED only for gids this node coordinates. Empty transactions are
-dropped. The slot is confirmed only up to what the peer acknowledged as
-durably applied, so a restart resends the rest (and the applier skips what
-its origin says it has).
+What a sender forwards, and to what its slot is confirmed, depends on the
+mode the peer asked for (replication/sender.py): this node's own
+transactions to an ONLINE peer, every origin's to a peer that catches up
+from this node. Which mode to ask each peer for is the generation layer's
+choice (replication/generations.py, ``plan_streams``); applying what
+arrives is replication/receiver.py's.
 
 Crash story (replication/README.md, "Crash and restart"): nothing here is
 kept only in memory that matters after a crash. Prepared transactions,
@@ -30,10 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import time
 import traceback
-from collections import deque
 
 import psycopg
 
@@ -45,18 +42,14 @@ from config import NodeConfig, parse_address
 from . import commit as cp
 from . import link
 from . import pgoutput as po
-from .apply import (APPLIED_STATE_SQL, Applier, ApplyError, Finished, PrepareFailed, Prepared,
-                    Skipped)
-from .cluster import PUBLICATION, read_secret, slot_name
-from .generations import MARKER_PREFIX, Generations
+from .apply import APPLIED_STATE_SQL, ApplyError
+from .cluster import read_secret
+from .generations import Generations
 from .pgpool import PgUnavailable, Pool
-from .stream import SlotStream, StreamError
+from .receiver import Receiver
+from .sender import Sender
 
 TICK_S = 0.05
-# pgoutput messages inside a transaction, told apart by their first byte
-_ROW_KINDS = frozenset(b"IUDTM")
-_TRUNCATE, _MESSAGE = ord("T"), ord("M")
-_RELID = struct.Struct("!I")
 WATCH_AFTER_MS = 10      # an applier waiting longer than this is looked at
 # How often a busy member tells a coordinator it is working: every second,
 # and at least four times per commit_vote_timeout_ms (a report every
@@ -95,11 +88,6 @@ SELECT w.pid, pg_blocking_pids(w.pid),
                AND h.objsubid IS NOT DISTINCT FROM w.objsubid)
 FROM l w WHERE NOT w.granted AND w.pid = ANY(%s)
 """
-RECEIVE_QUEUE_FRAMES = 2000      # per peer; a full queue stops reading the link
-# Per applier: messages handed to it and not yet applied. A full queue stops
-# the dispatcher, which stops reading the inbox, which stops reading the link:
-# a transaction of any size crosses the node in bounded memory.
-WORKER_QUEUE_MESSAGES = 500
 
 
 class ReplicationNode:
@@ -127,7 +115,7 @@ class ReplicationNode:
         self.applying: dict[tuple[int, int], tuple[int, str, float]] = {}
         self._wounded: set = set()
         # gid -> the older gid for which its applier's statement was cancelled
-        self._cancelled: dict[str, str] = {}
+        self.cancelled: dict[str, str] = {}
         # peer -> end LSN up to which all its transactions are applied here
         self.acked: dict[int, int] = {}
         # peer -> end LSN up to which the peer reported our stream done there
@@ -135,16 +123,20 @@ class ReplicationNode:
         # proxy callback: end a client session's transaction with 40001
         self.wound_backend = wound_backend
         self.out: dict[int, asyncio.StreamWriter] = {}
-        self.out_ready: dict[int, asyncio.Event] = {p: asyncio.Event() for p in self.peers}
-        self.streams: dict[int, SlotStream] = {}
-        self.unacked: dict[int, deque] = {p: deque() for p in self.peers}
-        self.inbox: dict[int, asyncio.Queue] = {
-            p: asyncio.Queue(RECEIVE_QUEUE_FRAMES) for p in self.peers}
-        # peer -> its stream items not yet done here (``_dispatch``'s order)
-        self.in_flight: dict[int, deque] = {p: deque() for p in self.peers}
+        self.app_prefix = APP_PREFIX
+        # one sender (our slot for the peer) and one receiver (its stream) per peer
+        self.senders = {p: Sender(self, p) for p in self.peers}
+        self.receivers = {p: Receiver(self, p) for p in self.peers}
+        # peer -> the mode we last asked it for (sender.py): OWN, ALL or NONE
+        self.wanted: dict[int, bytes] = {p: link.NONE for p in self.peers}
+        self.wanted_gen: dict[int, int] = {p: 0 for p in self.peers}
+        # backends of stopped appliers, waited for before new ones start
+        self.retired_pids: set[int] = set()
+        self.unfinished: dict[str, asyncio.Future] = {}     # see prepared_here
+        self._trimmed_below = 0     # precommit records below this generation are gone
         self.waiters: dict[str, asyncio.Future] = {}
         self._handlers: set = set()     # protocol messages being handled
-        self.pool = Pool(lambda: self._connect(application_name=APP_PREFIX + "pool"), POOL_SIZE,
+        self.pool = Pool(lambda: self.connect(application_name=APP_PREFIX + "pool"), POOL_SIZE,
                          on_lost=self._pg_lost)
         # gid -> when it was handed to a session (see ISSUED_GRACE_S)
         self.issued: dict[str, float] = {}
@@ -169,19 +161,20 @@ class ReplicationNode:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def _connect(self, **kw) -> psycopg.AsyncConnection:
+    async def connect(self, **kw) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(self.conninfo, password=self.password,
                                                      autocommit=True, **kw)
 
     async def start(self) -> None:
         await self._fence_previous_life()
+        await self._apply_wal_limit()
         host, port = parse_address(self.cfg.node.internode_listen)
         self.server = await asyncio.start_server(self._incoming, host, port, reuse_address=True)
         await self.gens.start()
         for peer in self.peers:
             self._spawn(f"outgoing link to {peer}", self._outgoing, peer)
-            self._spawn(f"sender to {peer}", self._sender, peer)
-            self._spawn(f"receiver from {peer}", self._receiver, peer)
+            self._spawn(f"sender to {peer}", self.senders[peer].run)
+            self._spawn(f"receiver from {peer}", self.receivers[peer].run)
         self._spawn("ticker", self._ticker)
         self._spawn("state publisher", self._publish_state)
         self._spawn("conflict watchdog", self._conflict_watchdog)
@@ -201,7 +194,10 @@ class ReplicationNode:
         w = self.out.get(peer)
         if w is None or w.is_closing():
             return False
-        w.write(frame)
+        try:
+            w.write(frame)
+        except RuntimeError:
+            return False
         return True
 
     def _spawn(self, name: str, fn, *args) -> None:
@@ -227,7 +223,7 @@ class ReplicationNode:
         they are gone. Such a backend may still be running a PREPARE or a
         precommit write it received before we died: positions, precommit
         records and prepared gids are read only after it is gone."""
-        async with await self._connect(application_name=APP_PREFIX + "start") as conn:
+        async with await self.connect(application_name=APP_PREFIX + "start") as conn:
             self.token = await read_secret(conn)
             if self.token is None:
                 raise RuntimeError("this node's database has no mtm.secret: it was set up by an "
@@ -246,6 +242,29 @@ class ReplicationNode:
                 await asyncio.sleep(0.05)
             raise RuntimeError("backends of a previous mmproxy life did not exit")
 
+    async def _apply_wal_limit(self) -> None:
+        """Bound the WAL kept for an absent peer: PostgreSQL's
+        max_slot_wal_keep_size = ``[limits] absent_node_wal_limit_mb``. A
+        slot past it is invalidated, and the peer must be copied again
+        (sender.py tells it; docs/generations.md)."""
+        mb = self.cfg.limits.absent_node_wal_limit_mb
+        want = mb if mb > 0 else -1
+        try:
+            row = await self._fetchone("SELECT setting::bigint FROM pg_settings "
+                                       "WHERE name = 'max_slot_wal_keep_size'")
+            if row[0] == want:
+                return
+            # (utility statements take no parameters: the value is an int)
+            await self._sql("ALTER SYSTEM SET max_slot_wal_keep_size = "
+                            + (f"'{int(want)}MB'" if want > 0 else "-1"))
+            await self._sql("SELECT pg_reload_conf()")
+            self.log.info("wal_limit_set", max_slot_wal_keep_size_mb=want, was=row[0])
+        except (psycopg.Error, PgUnavailable) as e:
+            self.log.warning("wal_limit_not_set", error=str(e).strip(),
+                             remedy="set max_slot_wal_keep_size in postgresql.conf to "
+                                    "[limits] absent_node_wal_limit_mb (the proxy's role needs "
+                                    "superuser rights to do it itself)")
+
     def _pg_lost(self) -> None:
         """The local PostgreSQL is unreachable: what the cores keep in memory
         about transactions in flight may no longer match it (a crashed
@@ -256,6 +275,8 @@ class ReplicationNode:
         self.ready.clear()
         waiting = self.coord.reset()
         self.part.reset()
+        for gid in list(self.unfinished):       # no read dependency waits on a lost server
+            self.finished_here(gid)
         self.gens.pg_lost()
         self.log.error("postgres_lost", transactions_in_flight=len(waiting))
         for gid in waiting:
@@ -299,8 +320,9 @@ class ReplicationNode:
             await asyncio.sleep(0.01)
         for w in self.out.values():
             w.close()
-        for s in self.streams.values():
-            await s.close()
+        for snd in self.senders.values():
+            if snd.stream is not None:
+                await snd.stream.close()
         await self.pool.close()
 
     # -- the commit protocol, for client sessions -----------------------------------
@@ -501,7 +523,7 @@ class ReplicationNode:
                 # generation first makes a new one.
                 self.gens.orphan(gid)
 
-    async def _is_local(self, namespace: str, name: str) -> bool:
+    async def is_local(self, namespace: str, name: str) -> bool:
         row = await self._fetchone(
             "SELECT EXISTS (SELECT 1 FROM mtm.local_tables WHERE rel = "
             "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (namespace, name))
@@ -525,6 +547,19 @@ class ReplicationNode:
             await self._sql(verb + " " + quote_literal(gid))
         except psycopg.errors.UndefinedObject:
             pass  # already finished (the stream and a Decision both got here)
+        self.finished_here(gid)
+
+    # Peers' transactions prepared here and not finished yet (the receivers
+    # register them): a later transaction of another origin that read one
+    # of them waits for it (receiver.py, "read dependencies").
+    def prepared_here(self, gid: str) -> None:
+        if gid not in self.unfinished:
+            self.unfinished[gid] = asyncio.get_running_loop().create_future()
+
+    def finished_here(self, gid: str) -> None:
+        fut = self.unfinished.pop(gid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def _ticker(self) -> None:
         while True:
@@ -607,10 +642,10 @@ class ReplicationNode:
         commit it.)"""
         if not any(p == pid and g == gid for p, g, _ in self.applying.values()):
             return
-        if len(self._cancelled) > 10000:
-            self._cancelled.clear()
-        self._cancelled[gid] = by_gid
-        await self._cancel_backend(pid)
+        if len(self.cancelled) > 10000:
+            self.cancelled.clear()
+        self.cancelled[gid] = by_gid
+        await self.cancel_backend(pid)
 
     def _wound_session(self, pid: int, by_gid: str) -> None:
         """A client transaction that has not begun to commit holds what the
@@ -622,10 +657,10 @@ class ReplicationNode:
         if self.wound_backend(pid, "could not serialize access: the transaction conflicts with "
                                    f"the transaction {by_gid} of node {origin}, which began "
                                    "to commit first; retry the transaction",
-                              self._cancel_backend):
+                              self.cancel_backend):
             self.log.info("wound_session", backend_pid=pid, by_gid=by_gid)
 
-    async def _cancel_backend(self, pid: int) -> None:
+    async def cancel_backend(self, pid: int) -> None:
         # pg_cancel_backend signals the backend alone, at once; a protocol
         # CancelRequest goes through a forked child and signals the
         # backend's process group too (two 57014s for one statement).
@@ -641,7 +676,7 @@ class ReplicationNode:
         for (p, _), (_, gid, _) in self.applying.items():
             if p == peer:
                 return gid
-        if self.in_flight[peer] or not self.inbox[peer].empty():
+        if self.receivers[peer].busy():
             return ""
         return None
 
@@ -678,6 +713,7 @@ class ReplicationNode:
                      "(SELECT lsn FROM mtm.apply_progress WHERE peer = %s)", (peer, peer))])
             except (psycopg.Error, PgUnavailable) as e:
                 self.log.warning("applied_gc_failed", peer=peer, error=str(e).strip())
+        await self._trim_precommits()
         try:
             # the commit guard's notes of finished transactions (see
             # mtm.guard_q: the check at commit never deletes its own, which
@@ -687,6 +723,23 @@ class ReplicationNode:
                  ())])
         except (psycopg.Error, PgUnavailable) as e:
             self.log.warning("guard_gc_failed", error=str(e).strip())
+
+    async def _trim_precommits(self) -> None:
+        """Delete our precommit records of gids below the lowest generation
+        every configured node reported settled (``Status.settled``: ONLINE,
+        nothing of an earlier generation prepared): no node can need them
+        to decide an in-doubt transaction any more (GENERATIONS.md 5)."""
+        sts = self.gens.service.last_status
+        settled = [sts[n].settled if n in sts else 0 for n in self.gens.gen.configured]
+        below = min(settled) if settled else 0
+        if below <= self._trimmed_below:
+            return
+        try:
+            await self._sql("DELETE FROM mtm.precommits WHERE gid ~ '^MTM-[0-9]+-[0-9]+-' "
+                            "AND split_part(gid, '-', 3)::int < %s", (below,))
+            self._trimmed_below = below
+        except (psycopg.Error, PgUnavailable) as e:
+            self.log.warning("precommits_trim_failed", error=str(e).strip())
 
     def connected_peers(self) -> list[int]:
         """Peers we reach and that reach us."""
@@ -722,15 +775,17 @@ class ReplicationNode:
                 await asyncio.sleep(0.2)
                 continue
             writer.write(link.hello(self.id))
+            # what we want its sender to send us, again on every new link
+            writer.write(link.mode_request(self.wanted[peer], self.wanted_gen[peer]))
             self.out[peer] = writer
-            self.out_ready[peer].set()
+            self.senders[peer].link_changed()
             self.log.info("link_up", peer=peer)
             try:
                 await reader.read()      # the peer never sends on this connection
             except OSError:
                 pass
             self.out.pop(peer, None)
-            self.out_ready[peer].clear()
+            self.senders[peer].link_changed()
             writer.transport.abort()     # wakes anything still writing to it
             self.log.warning("link_down", peer=peer)
             await asyncio.sleep(0.2)
@@ -769,8 +824,14 @@ class ReplicationNode:
                         self.incoming[peer] = writer
                     elif peer is None:
                         return
-                    elif kind == b"R":
-                        await self.inbox[peer].put((epoch, payload))
+                    elif kind == b"R" or kind == b"S":
+                        if kind == b"S":
+                            self.gens.slot_usable(peer)
+                        await self.receivers[peer].inbox.put((epoch, kind, payload))
+                    elif kind == b"M":
+                        self.senders[peer].request(*link.decode_mode_request(payload))
+                    elif kind == b"L":
+                        self.gens.slot_lost(peer, payload.decode(errors="replace"))
                     elif kind == b"A":
                         self._acked(peer, int.from_bytes(payload, "big"))
                     elif kind == b"J":
@@ -787,382 +848,6 @@ class ReplicationNode:
             if peer is not None and not control and self.incoming.get(peer) is writer:
                 del self.incoming[peer]
             writer.close()
-
-    # -- sending our changes to a peer ------------------------------------------------------
-
-    def _acked(self, peer: int, lsn: int) -> None:
-        if lsn > self.peer_done.get(peer, 0):
-            self.peer_done[peer] = lsn
-        stream = self.streams.get(peer)
-        q = self.unacked[peer]
-        while q and q[0] <= lsn:
-            q.popleft()
-        if stream is not None:
-            stream.confirm(lsn)
-
-    async def _sender(self, peer: int) -> None:
-        while True:
-            await self.out_ready[peer].wait()
-            await self.ready.wait()
-            # One walsender session per link: the peer's receiver starts over
-            # on a new link, and pgoutput sends a table's Relation message
-            # only once per session, so a new link needs a new session.
-            writer = self.out.get(peer)
-            if writer is None:
-                continue
-            self.unacked[peer].clear()
-            stream = SlotStream(self.conninfo + (f" password={self.password}" if self.password
-                                                 else ""), slot_name(peer), PUBLICATION,
-                                application_name=f"{APP_PREFIX}send to node {peer}")
-            try:
-                await stream.start()
-                self.streams[peer] = stream
-                await self._forward(peer, stream, writer)
-            except (StreamError, psycopg.Error, OSError) as e:
-                self.log.warning("sender_restart", peer=peer, error=str(e))
-            finally:
-                self.streams.pop(peer, None)
-                await stream.close()
-                # One walsender session per link: a new session resends from
-                # the slot's confirmed position, and the peer's receiver
-                # must start over to read its positions again. End the link
-                # (it is re-established at once, a new epoch over there).
-                if self.out.get(peer) is writer and not writer.is_closing():
-                    writer.transport.abort()
-            await asyncio.sleep(0.2)
-
-    async def _forward(self, peer: int, stream: SlotStream, link_writer) -> None:
-        """Forward this node's own transactions from the slot to ``peer``.
-
-        Most of a slot's traffic can be transactions applied from other
-        nodes (after a peer's bulk load, millions of rows), which are
-        skipped: a message is looked at by its first byte, and only the
-        transaction framing, schema messages and the relation id of a row
-        change are decoded."""
-        mtm_rels: set[int] = set()     # tables whose changes are never shipped
-        held: list = []          # Begin (and Relations) not yet sent
-        skipping = False
-        sent_data = False
-        unacked = self.unacked[peer]
-
-        def write(data: bytes) -> None:
-            # Checked before every write: the link may have closed during
-            # any await (uvloop refuses writes to a closed transport).
-            if self.out.get(peer) is not link_writer or link_writer.is_closing():
-                raise StreamError("link to peer is down or changed")
-            link_writer.write(data)
-
-        async for lsn, payload in stream.raw_messages():
-            w = self.out.get(peer)
-            if w is not link_writer:
-                raise StreamError("link to peer is down" if w is None else "link to peer changed")
-            kind = payload[0]
-            if kind in _ROW_KINDS:
-                if skipping:
-                    continue
-                if kind != _TRUNCATE and kind != _MESSAGE:
-                    if _RELID.unpack_from(payload, 1)[0] in mtm_rels:
-                        continue
-                elif kind == _TRUNCATE and mtm_rels.intersection(po.decode(payload).relids):
-                    continue
-                for f in held:
-                    write(f)
-                held = []
-                sent_data = True
-                write(link.replication(lsn, payload))
-                if w.transport.get_write_buffer_size() > 1 << 20:
-                    await w.drain()
-                continue
-            msg = po.decode(payload)
-            cls = msg.__class__
-            if cls is po.Begin or cls is po.BeginPrepare:
-                held = [link.replication(lsn, payload)]
-                sent_data = False
-                # what the peer reported done already (a replay) is not sent
-                end = msg.end_lsn if cls is po.BeginPrepare else msg.final_lsn
-                skipping = end <= self.peer_done.get(peer, 0)
-                if skipping:
-                    held = []
-                continue
-            if cls is po.Origin:
-                skipping = True        # applied from another node: not ours to ship
-                held = []
-                continue
-            if cls is po.Relation or cls is po.Type:
-                # Schema messages are sent once per walsender session, even
-                # inside a transaction we skip: always forward them. A
-                # Relation is re-sent after any change to its table, so this
-                # is where a table becoming local is noticed.
-                if cls is po.Relation and (msg.namespace == "mtm" or
-                                           await self._is_local(msg.namespace, msg.name)):
-                    mtm_rels.add(msg.relid)
-                else:
-                    mtm_rels.discard(getattr(msg, "relid", None))
-                    write(link.replication(lsn, payload))
-                continue
-            if cls is po.Commit or cls is po.Prepare:
-                if skipping or (cls is po.Commit and not sent_data):
-                    skipping = False
-                    held = []
-                    if not unacked:
-                        stream.confirm(msg.end_lsn)
-                    continue
-                for f in held:
-                    write(f)
-                held = []
-                write(link.replication(lsn, payload))
-                unacked.append(msg.end_lsn)
-                if cls is po.Prepare:
-                    self.log.debug("sent_prepare", peer=peer, gid=msg.gid)
-                await w.drain()
-                continue
-            if cls is po.CommitPrepared or cls is po.RollbackPrepared:
-                parsed = cp.parse_gid(msg.gid)
-                end = msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn
-                if parsed is None or parsed[0] != self.id or end <= self.peer_done.get(peer, 0):
-                    if not unacked:
-                        stream.confirm(end)
-                    continue
-                write(link.replication(lsn, payload))
-                unacked.append(end)
-                await w.drain()
-                continue
-            raise StreamError(f"unexpected {cls.__name__} in the slot stream")
-
-    # -- applying a peer's changes ---------------------------------------------------------
-
-    async def _receiver(self, peer: int) -> None:
-        """Apply ``peer``'s stream with ``[limits] apply_workers`` appliers
-        plus a finisher (see ``_dispatch``); any failure restarts them all
-        and the stream (from what we acknowledged)."""
-        old_pids: list[int] = []
-        while True:
-            conns: list = []
-            try:
-                await self.ready.wait()
-                await self._wait_gone(old_pids)
-                workers = []
-                n = self.cfg.limits.apply_workers
-                for k in range(n + 1):
-                    name = f"{APP_PREFIX}apply from node {peer}" + (
-                        "" if k == 0 else " #finish" if k == n else f" #{k}")
-                    conn = await self._connect(application_name=name)
-                    conns.append(conn)
-                    applier = Applier(conn, peer, worker=k, log=self.log,
-                                      lock_timeout_ms=self.cfg.timeouts.apply_lock_timeout_ms)
-                    await applier.setup()
-                    workers.append(_Worker(k, applier, conn.info.backend_pid))
-                # Tell the peer how far its stream is known done here: its
-                # sender need not forward any of that again (after a crash of
-                # its server the slot may resend minutes of it).
-                horizon = workers[0].applier.horizon_lsn
-                if horizon:
-                    self.acked[peer] = max(self.acked.get(peer, 0), horizon)
-                    self.send_to(peer, link.applied(horizon))
-                async with asyncio.TaskGroup() as tg:
-                    for w in workers:
-                        tg.create_task(self._work(peer, w))
-                    tg.create_task(self._dispatch(peer, workers[:-1], workers[-1]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # psycopg errors, ApplyError: restart cleanly
-                errors = e.exceptions if isinstance(e, BaseExceptionGroup) else [e]
-                if all(isinstance(x, _NewLink) for x in errors):
-                    self.log.info("receiver_restart", peer=peer, reason="new link")
-                else:
-                    self.log.error("apply_failed", peer=peer, error="; ".join(map(str, errors)))
-                    self._reset_link(peer)
-                    await asyncio.sleep(0.5)
-            finally:
-                for key in [k for k in self.applying if k[0] == peer]:
-                    del self.applying[key]
-                self.in_flight[peer].clear()
-                old_pids = []
-                for conn in conns:
-                    if not conn.closed:
-                        old_pids.append(conn.info.backend_pid)
-                    await conn.close()
-
-    async def _wait_gone(self, pids: list[int]) -> None:
-        """Wait until the backends ``pids`` (a stopped receiver's appliers)
-        have exited: one of them may still be finishing a PREPARE, and the
-        new appliers read how far the stream is applied."""
-        for _ in range(200):
-            if not pids:
-                return
-            try:
-                row = await self._fetchone("SELECT count(*) FROM pg_stat_activity "
-                                           "WHERE pid = ANY(%s)", (pids,))
-            except (psycopg.Error, PgUnavailable):
-                await asyncio.sleep(0.1)
-                continue
-            if row[0] == 0:
-                return
-            await asyncio.sleep(0.02)
-        raise ApplyError(f"appliers {pids} of a stopped receiver did not exit")
-
-    async def _dispatch(self, peer: int, workers: list, finisher: _Worker) -> None:
-        """Hand ``peer``'s transactions to the appliers, in parallel where
-        they do not depend on each other.
-
-        Transactions a peer prepared at the same time held their locks
-        together there, so none of them saw the others' writes: they are
-        independent, and each goes to a free worker. What a transaction can
-        depend on is what was *committed* before it began - a COMMIT/ROLLBACK
-        PREPARED or a plain commit earlier in the stream - so a PREPAREd
-        transaction starts only after those are done here. COMMIT/ROLLBACK
-        PREPARED go to the finisher, after their own PREPARE (in the normal
-        case it is done already: the coordinator needed our vote); a
-        ROLLBACK PREPARED of a transaction still being applied cancels that
-        applier. A plain (non-prepared) commit waits for everything before
-        it. The stream is acknowledged only up to where everything before
-        is done, so a restart resends whatever was in flight; appliers
-        recognise what they did already (``Applier._replay_answer``)."""
-        inbox = self.inbox[peer]
-        epoch0 = None
-        last_end = 0            # highest transaction end seen on this link
-        order = self.in_flight[peer]        # [end lsn or None, answer] in stream order
-        order.clear()
-        prepares: dict[str, asyncio.Future] = {}    # gid -> answer, while being applied
-        finishes: list[asyncio.Future] = []         # not yet done: later prepares wait
-        target: _Worker | None = None       # receives the rest of the current transaction
-        entry: list | None = None
-        marker = 0              # the generation marker in the current transaction
-        loop = asyncio.get_running_loop()
-
-        def acknowledge(_=None) -> None:
-            last = None
-            while order and order[0][0] is not None and order[0][1].done():
-                last = order.popleft()
-            if last is None:
-                return
-            self.acked[peer] = last[0]
-            self.applied_ts[peer] = last[2]
-            self.send_to(peer, link.applied(last[0]))
-
-        def track(end, fut, ts=0) -> list:
-            e = [end, fut, ts]
-            order.append(e)
-            fut.add_done_callback(acknowledge)
-            return e
-
-        while True:
-            stashed = self._stash.pop(peer, None)
-            epoch, payload = stashed if stashed is not None else await inbox.get()
-            if epoch != self.link_epoch[peer]:
-                continue            # from a link that was reset
-            if epoch != epoch0:
-                if epoch0 is not None:
-                    # A new link: the peer resends from its slot's confirmed
-                    # position, which may be far behind what we applied.
-                    # Start over with fresh appliers that read the durable
-                    # positions again (this frame is the new stream's first).
-                    self._stash[peer] = (epoch, payload)
-                    raise _NewLink()
-                epoch0 = epoch
-            lsn, raw = link.unpack_lsn(payload)
-            msg = po.decode(raw)
-            cls = msg.__class__
-            if cls is po.BeginPrepare or cls is po.Begin:
-                end = msg.end_lsn if cls is po.BeginPrepare else msg.final_lsn
-                if end <= last_end:
-                    # One link carries one walsender session, whose
-                    # transactions end in increasing LSN order: a resend
-                    # within a link would meet appliers with stale positions.
-                    raise ApplyError(f"the stream from node {peer} went back from "
-                                     f"{po.lsn_str(last_end)} to {po.lsn_str(end)} on one link")
-                last_end = end
-            if cls is po.Relation or cls is po.Type:
-                for w in (*workers, finisher):
-                    await w.queue.put((msg, None, None))
-                continue
-            if target is not None:
-                if cls is po.Message and msg.prefix == MARKER_PREFIX:
-                    marker = int(msg.content)
-                await target.queue.put((msg, target.current, None))
-                if cls is po.Prepare or cls is po.Commit:
-                    entry[0] = msg.end_lsn
-                    entry[2] = msg.prepare_ts if cls is po.Prepare else msg.commit_ts
-                    if marker:
-                        # A plain commit starts once everything before it
-                        # in the stream is done: when it is done, so is
-                        # every transaction the peer prepared before its
-                        # switch to generation ``marker``.
-                        entry[1].add_done_callback(
-                            lambda f, n=marker: f.cancelled() or f.exception() is not None
-                            or self.gens.marker_applied(peer, n))
-                        marker = 0
-                    target = entry = None
-                    acknowledge()
-                continue
-            if cls is po.BeginPrepare:
-                finishes = [f for f in finishes if not f.done()]
-                if finishes:
-                    await asyncio.wait(finishes)
-                target = await _free_worker(workers)
-                fut = target.current = loop.create_future()
-                prepares[msg.gid] = fut
-                fut.add_done_callback(lambda f, g=msg.gid: prepares.pop(g, None))
-                entry = track(None, fut)
-                await target.queue.put((msg, fut, None))
-            elif cls is po.Begin:
-                pending = [f for f in (*finishes, *prepares.values()) if not f.done()]
-                if pending:
-                    await asyncio.wait(pending)
-                target = finisher
-                fut = target.current = loop.create_future()
-                finishes.append(fut)
-                entry = track(None, fut)
-                await target.queue.put((msg, fut, None))
-            elif cls is po.CommitPrepared or cls is po.RollbackPrepared:
-                before = prepares.get(msg.gid)
-                if before is not None and cls is po.RollbackPrepared:
-                    await self._abandon(peer, msg.gid)
-                fut = loop.create_future()
-                finishes.append(fut)
-                track(msg.end_lsn if cls is po.CommitPrepared else msg.rollback_end_lsn, fut,
-                      msg.commit_ts if cls is po.CommitPrepared else msg.rollback_ts)
-                await finisher.queue.put((msg, fut, before))
-            elif cls is po.Message and not msg.transactional:
-                continue
-            else:
-                raise ApplyError(f"{cls.__name__} outside a transaction from node {peer}")
-
-    async def _work(self, peer: int, w: _Worker) -> None:
-        """One applier: applies what ``_dispatch`` queued for it, votes."""
-        key = (peer, w.k)
-        while True:
-            msg, fut, after = await w.queue.get()
-            if after is not None and not after.done():
-                await asyncio.wait([after])   # COMMIT/ROLLBACK PREPARED after its PREPARE
-            if msg.__class__ is po.BeginPrepare:
-                # Catching up (our vote does not count), a transaction waits
-                # for its locks as long as it takes: what holds them is a
-                # transaction this or another stream finishes further on,
-                # and a failure would start the stream over (``_applied``).
-                want = (self.cfg.timeouts.apply_lock_timeout_ms
-                        if self.gens.participating() else 0)
-                if w.lock_timeout != want:
-                    await w.applier.conn.execute(f"SET lock_timeout = {int(want)}")
-                    w.lock_timeout = want
-                self.applying[key] = (w.pid, msg.gid, time.monotonic())
-            elif msg.__class__ in _ROW_CHANGES and not w.applier.idle:
-                failpoints.hit("apply_mid_transaction", self.log, peer=peer)
-            r = await w.applier.apply(msg)
-            if w.applier.idle:
-                self.applying.pop(key, None)
-            if r is not None:
-                await self._applied(peer, msg, r)
-                if fut is not None and not fut.done():
-                    fut.set_result(r)
-
-    async def _abandon(self, peer: int, gid: str) -> None:
-        """``gid`` is being rolled back by its coordinator while one of our
-        appliers still applies it (it may be waiting for a lock): cancel
-        that applier's statement rather than finish applying it."""
-        for (p, _), (pid, g, _) in list(self.applying.items()):
-            if p == peer and g == gid:
-                await self._cancel_backend(pid)
 
     async def _protocol(self, msg) -> None:
         cls = msg.__class__
@@ -1183,7 +868,7 @@ class ReplicationNode:
         except (psycopg.Error, PgUnavailable) as e:   # the sender retransmits; we answer then
             self.log.warning("protocol_message_failed", gid=msg.gid, error=str(e).strip())
 
-    def _reset_link(self, peer: int) -> None:
+    def reset_link(self, peer: int) -> None:
         """Drop the peer's incoming link: it reconnects and resends from the
         LSN we last acknowledged, starting at a transaction boundary."""
         self.link_epoch[peer] += 1
@@ -1191,69 +876,44 @@ class ReplicationNode:
         if w is not None:
             w.close()
 
-    async def _applied(self, peer: int, msg, r) -> None:
-        self.log.debug("applied", peer=peer, result=type(r).__name__, gid=getattr(r, "gid", None))
-        if isinstance(r, Prepared):
-            failpoints.hit("member_before_vote", self.log, gid=r.gid)
-            await self.execute(self.part.applied(r.gid, True))
-        elif isinstance(r, Skipped):
-            pass
-        elif isinstance(r, PrepareFailed):
-            by_gid = self._cancelled.pop(r.gid, None)
-            if r.sqlstate == "57014":
-                # We cancel appliers for wound-wait (or a DBA did): the
-                # transaction may well succeed if retried.
-                r = PrepareFailed(r.gid, cp.SERIALIZATION_FAILURE,
-                                  f"conflicts with the older transaction {by_gid}"
-                                  if by_gid else "its apply was cancelled")
-            self.log.info("apply_vote_failed", peer=peer, gid=r.gid, sqlstate=r.sqlstate,
-                          message=r.message)
-            if cp.parse_gid(r.gid)[1] != self.generation.num or not self.gens.participating():
-                # Our vote does not count (we are outside the transaction's
-                # generation, catching up): it may commit without us, so it
-                # must not be skipped, and what follows it in the stream may
-                # carry row images that include its changes. Start the
-                # stream over from what we acknowledged (before it) and
-                # apply it again. (Going on past it and coming back later
-                # let later row images be applied without it: divergence.
-                # Known gap: two streams whose transactions wait on each
-                # other's prepared ones can make this retry for as long as
-                # the load lasts; see docs/generations.md.)
-                raise ApplyError(f"could not apply {r.gid} from node {peer} while catching up "
-                                 f"({r.sqlstate}: {r.message}); applying it again")
-            await self.execute(self.part.applied(r.gid, False, r.sqlstate, r.message))
-        elif isinstance(r, Finished) and r.gid is not None:
-            await self.execute(self.part.finished(r.gid, r.committed, r.here))
+    # -- streams ------------------------------------------------------------------------------
 
+    def _acked(self, peer: int, lsn: int) -> None:
+        if lsn > self.peer_done.get(peer, 0):
+            self.peer_done[peer] = lsn
+        self.senders[peer].acked()
 
-class _Worker:
-    """An applier of ``_dispatch``, with its queue of (message, answer
-    future, what to wait for first)."""
-    __slots__ = ("k", "applier", "pid", "queue", "current", "lock_timeout")
+    def request_mode(self, peer: int, mode: bytes, join_gen: int, restart: bool) -> None:
+        """Ask ``peer`` for its stream in ``mode`` (sender.py; ``join_gen``:
+        the generation we join, whose donor marker ends an ALL stream);
+        with ``restart``, stop applying what it sends now and have it start
+        a new session on a new link."""
+        self.wanted[peer] = mode
+        self.wanted_gen[peer] = join_gen
+        if restart:
+            self.receivers[peer].restart()
+        self.send_to(peer, link.mode_request(mode, join_gen))
 
-    def __init__(self, k: int, applier: Applier, pid: int):
-        self.k = k
-        self.applier = applier
-        self.pid = pid
-        self.queue: asyncio.Queue = asyncio.Queue(WORKER_QUEUE_MESSAGES)
-        self.current: asyncio.Future | None = None    # the answer of its transaction
-        self.lock_timeout = applier.lock_timeout_ms   # as set on its connection
-
-
-async def _free_worker(workers: list) -> _Worker:
-    while True:
-        for w in workers:
-            if w.current is None or w.current.done():
-                return w
-        await asyncio.wait([w.current for w in workers], return_when=asyncio.FIRST_COMPLETED)
+    async def wait_gone(self, pids: list[int]) -> None:
+        """Wait until the backends ``pids`` (stopped appliers) have exited:
+        one of them may still be finishing a PREPARE, or hold a replication
+        origin."""
+        for _ in range(200):
+            if not pids:
+                return
+            try:
+                row = await self._fetchone("SELECT count(*) FROM pg_stat_activity "
+                                           "WHERE pid = ANY(%s)", (pids,))
+            except (psycopg.Error, PgUnavailable):
+                await asyncio.sleep(0.1)
+                continue
+            if row[0] == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise ApplyError(f"appliers {pids} of a stopped receiver did not exit")
 
 
 _ASKS_PARTICIPANT = (cp.VoteRequest, cp.Precommit, cp.Decision)
-_ROW_CHANGES = (po.Insert, po.Update, po.Delete, po.Truncate)
-
-
-class _NewLink(Exception):
-    """The peer's link was re-established: restart its receiver."""
 
 
 def _now_ms() -> int:

@@ -59,6 +59,9 @@ class SlotStream:
         self._last_status = 0.0
         self._readable = asyncio.Event()
         self._fd: int | None = None
+        # called with the position of every keepalive: the walsender has
+        # sent (or skipped) everything before it
+        self.on_keepalive = None
 
     async def start(self) -> None:
         self._conn = await psycopg.AsyncConnection.connect(
@@ -154,6 +157,8 @@ class SlotStream:
             m = po.decode_copy_data(bytes(data))      # keepalive, or a clear error
             if isinstance(m, po.Keepalive):
                 self.server_end_lsn = m.end_lsn
+                if self.on_keepalive is not None:
+                    self.on_keepalive(m.end_lsn)
                 if m.reply_requested:
                     await self.send_status()
                 continue

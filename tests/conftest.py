@@ -42,7 +42,8 @@ def _workdir() -> Path:
 def workdir():
     d = _workdir()
     yield d
-    subprocess.run(["rm", "-rf", str(d)], check=False)
+    if not os.environ.get("MMPROXY_KEEP_WORKDIR"):     # kept for debugging a failure
+        subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -345,10 +345,18 @@ def test_participant_refuses_older_generation():
 
 def test_participant_takes_part_only_while_online():
     """consensus/gens.py: a RECOVERY member, or one that restarted in this
-    generation, neither votes yes nor records a precommit."""
+    generation, neither votes yes nor records a precommit - nor votes no:
+    once ONLINE it answers the coordinator's VoteRequest from its database
+    (``recovered``), so a transaction prepared during its recovery can still
+    commit."""
     p = Participant(2, GEN, online=False)
-    [send] = p.applied(GID, True)
-    assert not send.msg.ok and "not online" in send.msg.message
+    assert p.applied(GID, True) == []
+    assert p.receive(VoteRequest(GID, 1)) == []
+    p.recovered(GID, prepared=True, committed=False)      # still not online: no vote
+    assert not p.knows(GID)
+    p.generation_changed(GEN, online=True)
+    p.recovered(GID, prepared=True, committed=False)
+    assert p.receive(VoteRequest(GID, 1)) == [Send(1, Vote(GID, 2, True))]
     p2 = Participant(2, GEN)
     p2.applied(GID, True)
     p2.generation_changed(GEN, online=False)

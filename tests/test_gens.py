@@ -589,3 +589,38 @@ def test_forget_once_every_node_finished_after_the_next_generation():
     assert not any(isinstance(p, Forget) for p in proposals(c.run(200, per=still)))
     c.policy.on_status(c.status(1), c.now)
     assert Forget(("MTM-2-1-1",)) in proposals(c.run(100, per=everyone))
+
+
+def test_a_caught_up_non_member_completes_the_majority_a_dead_member_leaves():
+    """Generation {1, 2}, node 3 out and catching up from node 1; node 2
+    dies. {1} alone is no majority: the leader proposes {1, 3} at once -
+    node 2 excluded, node 3 joined - with node 1 (ONLINE in the last
+    committable generation) its donor. Without a caught-up joiner it waits."""
+    c = Cluster()
+    c.apply(gen(c.state, {1, 2}))
+    c.run(1500, per={3: {"join": JoinRequest(3, 0), "sees": {1, 2}}})
+    # node 2 goes silent; 3 still reaches 1
+    plans = c.run(700, silent=[2], per={3: {"join": JoinRequest(3, 0), "sees": {1}}})
+    assert set(proposals(plans)) == {Gen(3, fs(1, 3), C3, fs(1))}
+    c2 = Cluster()
+    c2.apply(gen(c2.state, {1, 2}))
+    c2.run(1500, per={3: {"sees": {1, 2}}})                   # 3 connected, not caught up
+    assert proposals(c2.run(1000, silent=[2], per={3: {"sees": {1}}})) == []
+
+
+def test_a_restarted_member_is_given_time_to_reach_every_peer():
+    """Node 2 restarted (``fresh``): its links come up one by one, so for a
+    while it sees node 1 but not node 3. Its restart asks for a new
+    generation, but the clique is not judged before ``restable_ms``: node
+    3, healthy, is not excluded for a link that is still coming up."""
+    c = Cluster()
+    c.run(1000)
+    fresh = {2: {"fresh": True, "sees": {1}}, 3: {"sees": {1}}}
+    props = proposals(c.run(900, per=fresh))
+    assert props and set(props) == {Gen(2, C3, C3, C3)}      # the same members again
+    # a clique that stays broken past restable_ms is acted on
+    c2 = Cluster()
+    c2.run(1000)
+    broken = {2: {"fresh": True, "sees": {1}}, 3: {"sees": {1}}}
+    props = proposals(c2.run(1300, per=broken))
+    assert props[-1].members != C3 and len(props[-1].members) == 2

@@ -57,7 +57,9 @@ Rules kept here (mmts's apply rules, doc/multimaster.xml):
   (``mtm_node_<origin>[_k]``, set for the transaction and reset after it),
   recording it in ``mtm.applied`` as the origin's: when the origin's own
   stream resends it later, it is recognised. This node's own transactions
-  are never applied back.
+  are never applied back. A prepared transaction whose COMMIT PREPARED the
+  dispatcher has already seen (``commit_plain``) is applied as a plain
+  commit instead: one transaction, no PREPARE (receiver.py, "look-ahead").
 - DDL arrives as a transactional logical message (prefix ``mtm_ddl``) in
   order with the rows, and is run with the session context it was captured
   with: search_path, the settings that change what DDL does (origin's
@@ -176,6 +178,8 @@ class Applier:
         self._src = peer_id         # origin node of the transaction being applied
         self._horizons: dict[int, int] = {}        # catch-up: origin -> its apply horizon
         self._refuse_next = False
+        self._plain = False          # commit the next prepared transaction plainly
+        self._plain_gid: str | None = None      # ... the one being applied so
         self.lock_timeout_ms = lock_timeout_ms
         self.log = log
         self.relations: dict[int, po.Relation] = {}
@@ -242,16 +246,28 @@ class Applier:
         return self._horizon_lsn
 
     async def applied_lsn(self) -> int:
-        """The highest LSN of the peer applied by any of its appliers."""
+        """The highest LSN of the peer applied here by any applier: the
+        progress of its replication origins, and - belt and braces - the
+        highest committed transaction of it recorded in ``mtm.applied``
+        (a catch-up records what it applied there too)."""
         base = origin_name(self.peer_id)
         row = await (await self.conn.execute(
-            "SELECT max(remote_lsn) FROM pg_replication_origin_status s JOIN pg_replication_origin o "
-            "ON o.roident = s.local_id WHERE o.roname = %s OR o.roname LIKE %s",
-            (base, base.replace("_", "\\_") + "\\_%"))).fetchone()
+            "SELECT greatest((SELECT max(remote_lsn) FROM pg_replication_origin_status s "
+            "JOIN pg_replication_origin o ON o.roident = s.local_id "
+            "WHERE o.roname = %s OR o.roname LIKE %s), "
+            "(SELECT max(lsn) FROM mtm.applied WHERE peer = %s))",
+            (base, base.replace("_", "\\_") + "\\_%", self.peer_id))).fetchone()
         return po.parse_lsn(row[0]) if row and row[0] else 0
 
     def _applied_key(self, gid: str | None, end: int) -> str:
         return gid if gid is not None else f"{self._src}/{po.lsn_str(end)}"
+
+    def commit_plain(self) -> None:
+        """Catching up: the next prepared transaction is known to commit
+        (its COMMIT PREPARED was read): apply and COMMIT it as one plain
+        transaction, recorded under its gid; if it is prepared here already,
+        COMMIT PREPARED it."""
+        self._plain = True
 
     def refuse_unknown(self) -> None:
         """The next prepared transaction is of an earlier generation than
@@ -338,6 +354,8 @@ class Applier:
         if self._replay is not None:
             if cls is po.Commit or cls is po.Prepare:
                 answer, self._replay = self._replay, None
+                if answer.__class__ is _FinishHere:
+                    return await self._finish_prepared(answer.gid, True, 0, 0)
                 return answer
             return None
         if cls is po.Commit or cls is po.Prepare:
@@ -346,6 +364,8 @@ class Applier:
                 # would only warn, and we would vote for a transaction we
                 # do not have.
                 raise ApplyError(f"{cls.__name__} without a BEGIN from node {self.peer_id}")
+            if cls is po.Prepare and self._plain_gid is not None:
+                return await self._commit_plain(msg)
             return await (self._commit(msg) if cls is po.Commit else self._prepare(msg))
         if cls is po.CommitPrepared:
             return await self._finish_prepared(msg.gid, True, msg.end_lsn, msg.commit_ts)
@@ -383,11 +403,15 @@ class Applier:
         gid = msg.gid if prepared_txn else None
         end = msg.end_lsn if prepared_txn else msg.final_lsn
         src, key_lsn = origin if origin is not None else (self.peer_id, end)
+        plain, self._plain = self._plain and prepared_txn, False
         if src == self.catchup_for or (gid is not None and cp_owner(gid) == self.catchup_for):
-            self._replay = Skipped(gid)      # our own transaction: we have it, or rolled it back
+            # our own transaction: we have it (prepared or finished), or rolled it back
+            self._replay = _FinishHere(gid) if plain else Skipped(gid)
             return
         self._src = src
         answer = await self._catchup_answer(gid, src, key_lsn)
+        if plain and answer.__class__ is Prepared:
+            answer = _FinishHere(gid)        # prepared here before: commit it
         if self.log is not None:
             self.log.debug("apply_catchup", peer=self.peer_id, origin=src, gid=gid,
                            lsn=po.lsn_str(key_lsn), answer=type(answer).__name__)
@@ -395,6 +419,7 @@ class Applier:
             self._replay = answer
             return
         await self._begin(gid)
+        self._plain_gid = gid if plain else None
         self._use_origin(worker_origin(src, self.worker))
         self._key_lsn = key_lsn
         self._commit_lsn = key_lsn
@@ -540,12 +565,43 @@ class Applier:
         self._in_txn = False
         return Finished(None, True, True)
 
+    async def _commit_plain(self, msg: po.Prepare) -> Finished | PrepareFailed:
+        """A catch-up transaction known to commit: COMMIT instead of
+        PREPARE, under its gid in ``mtm.applied``."""
+        gid, self._plain_gid = self._plain_gid, None
+        self._in_txn = False
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            return failed
+        # the origin's position of its PREPARE, as a PREPARE applied here
+        # would have recorded it
+        self._commit_lsn, self._commit_ts = self._key_lsn, msg.prepare_ts
+        try:
+            await self._flush_inserts()
+            self._add(self._record_applied(gid))
+            self._add(self._origin_position())
+            self._add("COMMIT")
+            self._end_origin()
+            await self._send_batch()
+        except psycopg.Error as e:
+            await self._rollback()
+            return PrepareFailed(gid, e.sqlstate or "XX000", str(e).strip())
+        except _MissingRow as e:
+            await self._rollback()
+            return PrepareFailed(gid, "02000", str(e))
+        return Finished(gid, True, True, here=True)
+
     async def _prepare(self, msg: po.Prepare) -> Prepared | PrepareFailed:
         self._in_txn = False
         if self._failed is not None:
             failed, self._failed = self._failed, None
             return failed
-        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.prepare_ts
+        # The origin's own position of it (the same as the stream's, except
+        # in a donor's stream, where it is the origin's, not the donor's):
+        # an origin position from another node's WAL made this origin's
+        # progress lie, and its own stream then applied again what the
+        # catch-up had committed (found by the restart-safety rounds).
+        self._commit_lsn, self._commit_ts = self._key_lsn, msg.prepare_ts
         prepare = "PREPARE TRANSACTION " + _quote(msg.gid)
         try:
             await self._flush_inserts()
@@ -746,6 +802,13 @@ class Applier:
 
 class _MissingRow(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _FinishHere:
+    """A plain-committed catch-up transaction that is this node's own, or
+    prepared here already: COMMIT PREPARED it (if prepared) at its end."""
+    gid: str
 
 
 def origin_node(name: str) -> int | None:

@@ -32,6 +32,17 @@ The stream's mode is announced by the sender ('S' frames):
   the stream starts over from what was acknowledged. At the donor's
   marker of a generation this node joined, the sender switches to ``OWN``
   and the generation layer hears that the marker was reached.
+  *Look-ahead*: a prepared transaction is held (up to ``HOLD_MAX_TXNS``
+  transactions and ``HOLD_MAX_BYTES``) until its outcome shows up in the
+  stream - usually a few transactions later - and is then applied as one
+  plain commit at its COMMIT PREPARED (in commit order: what it depended
+  on committed before it there, and later transactions that read it wait
+  for it), or dropped at its ROLLBACK PREPARED; a PREPARE + COMMIT PREPARED
+  pair is three times the round trips and two WAL flushes. What is still
+  held when the stream pauses (``HOLD_IDLE_S``), fills the buffer, or
+  reaches a plain commit (a marker), a schema message or a change of mode
+  is applied as a PREPARE, as before: those are the transactions still in
+  doubt, which must be prepared here.
 
 Every failure restarts the appliers and the stream (from what was
 acknowledged); a new link from the peer does too (``_NewLink``), and so does
@@ -61,6 +72,10 @@ RECEIVE_QUEUE_FRAMES = 2000      # per peer; a full queue stops reading the link
 # a transaction of any size crosses the node in bounded memory.
 WORKER_QUEUE_MESSAGES = 500
 HOLD_POLL_S = 0.02
+# catch-up look-ahead (module docstring)
+HOLD_MAX_TXNS = 1000
+HOLD_MAX_BYTES = 16 << 20
+HOLD_IDLE_S = 0.05
 
 
 class _NewLink(Exception):
@@ -73,6 +88,19 @@ class _SetMode:
 
     def __init__(self, mode: bytes) -> None:
         self.mode = mode
+
+
+class _Held:
+    """A prepared transaction of a catch-up stream, held until its outcome."""
+    __slots__ = ("gid", "msgs", "after", "entry", "complete", "size")
+
+    def __init__(self, msg, after: list, entry: list) -> None:
+        self.gid = msg.gid
+        self.msgs = [msg]
+        self.after = after          # the commits before it in the stream
+        self.entry = entry          # its acknowledgement entry (done once applied)
+        self.complete = False       # its PREPARE was read
+        self.size = 0
 
 
 class _Worker:
@@ -269,6 +297,9 @@ class Receiver:
         marker: dict | None = None          # the generation marker in the current transaction
         mode: bytes | None = None
         loop = asyncio.get_running_loop()
+        held: dict[str, _Held] = {}         # catch-up look-ahead, in stream order
+        reading: _Held | None = None        # ... the one whose messages are being read
+        held_bytes = 0
 
         def acknowledge(_=None) -> None:
             last = None
@@ -286,6 +317,36 @@ class Receiver:
             fut.add_done_callback(acknowledge)
             return e
 
+        async def flush() -> None:
+            """Apply every held transaction as a PREPARE, in stream order
+            (module docstring); one still being read continues as usual."""
+            nonlocal held_bytes, target, entry, reading
+            for h in list(held.values()):
+                pending = [f for f in h.after if not f.done()]
+                if pending:
+                    await asyncio.wait(pending)
+                w = await _free_worker(workers)
+                w.current = fut = h.entry[1]
+                prepares[h.gid] = fut
+                fut.add_done_callback(lambda f, g=h.gid: prepares.pop(g, None))
+                for m in h.msgs:
+                    await w.queue.put((m, fut, None, None))
+                del held[h.gid]
+                if h is reading:
+                    target, entry, reading = w, h.entry, None
+            held_bytes = 0
+
+        async def next_item():
+            if not held:
+                return await inbox.get()
+            try:
+                async with asyncio.timeout(HOLD_IDLE_S):
+                    return await inbox.get()
+            except TimeoutError:
+                if reading is None:
+                    await flush()
+                return await inbox.get()
+
         def marker_done(f, m: dict, catching_up: bool) -> None:
             if f.cancelled() or f.exception() is not None:
                 return
@@ -296,7 +357,7 @@ class Receiver:
 
         while True:
             stashed, self._stash = self._stash, None
-            epoch, kind, payload = stashed if stashed is not None else await inbox.get()
+            epoch, kind, payload = stashed if stashed is not None else await next_item()
             if epoch != node.link_epoch[peer]:
                 continue            # from a link that was reset
             if epoch != epoch0:
@@ -309,6 +370,10 @@ class Receiver:
                     raise _NewLink()
                 epoch0 = epoch
             if kind == b"S":
+                if reading is not None:
+                    raise ApplyError(f"the stream from node {peer} changed its mode inside a "
+                                     "transaction")
+                await flush()
                 if target is not None:
                     raise ApplyError(f"the stream from node {peer} changed its mode inside a "
                                      "transaction")
@@ -337,8 +402,25 @@ class Receiver:
                                      f"{po.lsn_str(last_end)} to {po.lsn_str(end)} on one link")
                 last_end = end
             if cls is po.Relation or cls is po.Type:
+                if len(held) > (reading is not None):
+                    # held rows were read with the description they had
+                    await flush()
                 for w in (*workers, finisher):
                     await w.queue.put((msg, None, None, None))
+                continue
+            if reading is not None:
+                reading.msgs.append(msg)
+                reading.size += len(raw)
+                held_bytes += len(raw)
+                if cls is po.Prepare:
+                    reading.entry[0] = msg.end_lsn
+                    reading.entry[2] = msg.prepare_ts
+                    reading.complete = True
+                    reading = None
+                    if len(held) >= HOLD_MAX_TXNS or held_bytes >= HOLD_MAX_BYTES:
+                        await flush()
+                elif held_bytes >= HOLD_MAX_BYTES:
+                    await flush()           # a big one: applied as it comes
                 continue
             if target is not None:
                 if cls is po.Message and msg.prefix == MARKER_PREFIX:
@@ -360,6 +442,11 @@ class Receiver:
                     target = entry = None
                     acknowledge()
                 continue
+            if cls is po.BeginPrepare and mode == ALL:
+                finishes = [f for f in finishes if not f.done()]
+                reading = _Held(msg, list(finishes), track(None, loop.create_future()))
+                held[msg.gid] = reading
+                continue
             if cls is po.BeginPrepare:
                 finishes = [f for f in finishes if not f.done()]
                 if finishes:
@@ -374,6 +461,7 @@ class Receiver:
                 entry = track(None, fut)
                 await target.queue.put((msg, fut, None, opt))
             elif cls is po.Begin:
+                await flush()
                 pending = [f for f in (*finishes, *prepares.values()) if not f.done()]
                 if pending:
                     await asyncio.wait(pending)
@@ -394,6 +482,32 @@ class Receiver:
                     pending.add_done_callback(lambda _, f=fut: f.done() or f.set_result(None))
                 finishes.append(fut)
                 track(msg.end_lsn, fut, msg.commit_ts)
+            elif cls is po.CommitPrepared and msg.gid in held:
+                # known to commit: one plain commit, here in commit order
+                h = held.pop(msg.gid)
+                held_bytes -= h.size
+                pending = [f for f in h.after if not f.done()]
+                if pending:
+                    await asyncio.wait(pending)
+                w = await _free_worker(workers)
+                w.current = fut = h.entry[1]
+                await w.queue.put((h.msgs[0], fut, None, "plain"))
+                for m in h.msgs[1:]:
+                    await w.queue.put((m, fut, None, None))
+                finishes.append(fut)
+                done = loop.create_future()
+                fut.add_done_callback(lambda f, d=done: d.done() or d.set_result(None))
+                track(msg.end_lsn, done, msg.commit_ts)
+            elif cls is po.RollbackPrepared and msg.gid in held:
+                # rolled back: its rows are dropped; the finisher still rolls
+                # back a copy prepared here before (or this node's own)
+                h = held.pop(msg.gid)
+                held_bytes -= h.size
+                h.entry[1].set_result(Skipped(msg.gid))
+                fut = loop.create_future()
+                finishes.append(fut)
+                track(msg.rollback_end_lsn, fut, msg.rollback_ts)
+                await finisher.queue.put((msg, fut, None, None))
             elif cls is po.CommitPrepared or cls is po.RollbackPrepared:
                 before = prepares.get(msg.gid)
                 if before is not None and cls is po.RollbackPrepared:
@@ -458,6 +572,8 @@ class Receiver:
                     w.lock_timeout = want
                 if opt == "old":
                     w.applier.refuse_unknown()
+                elif opt == "plain":
+                    w.applier.commit_plain()
                 if not catching_up:
                     node.applying[key] = (w.pid, msg.gid, time.monotonic())
             elif msg.__class__ in _ROW_CHANGES and not w.applier.idle:

@@ -396,3 +396,75 @@ def test_a_trim_after_the_appliers_setup_never_lets_a_replay_apply_again(pair):
         assert psycopg.connect(b.dsn()).execute("SELECT amount FROM acc").fetchone() == (120,)
     finally:
         _drop_replay_slots(a, b)
+
+
+def _acc_relation() -> po.Relation:
+    return po.Relation(16384, "public", "acc", "d", (
+        po.Column(True, "id", 23, -1), po.Column(False, "owner", 25, -1),
+        po.Column(False, "amount", 20, -1), po.Column(False, "doc", 25, -1)))
+
+
+def _insert(gid: str, end: int, row_id: int, origin: po.Origin | None = None) -> list:
+    rel = _acc_relation()
+    msgs = [rel, po.BeginPrepare(end - 0x40, end, 0, 700, gid)]
+    if origin is not None:
+        msgs.append(origin)
+    msgs += [po.Insert(rel.relid, po.Tuple((str(row_id).encode(), b"ann", b"5", None),
+                                            (False,) * 4)),
+             po.Prepare(0, end - 0x40, end, 0, 700, gid)]
+    return msgs
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_catch_up_copy_is_recognised_by_the_origins_own_stream(pair, plain):
+    """Node 2 catches up from node 1 (the donor) and applies node 3's
+    transaction from node 1's stream: under node 3's replication origin, at
+    node 3's own LSN (the ORIGIN message's), recorded as node 3's - as a
+    PREPARE then COMMIT PREPARED, or (look-ahead) as one plain commit. When
+    node 3's own stream sends it later, it is recognised, never applied a
+    second time (a PREPARE recorded at the donor's LSN once made node 3's
+    progress lie, and the transaction was applied twice)."""
+    _, b = pair
+    gid = "MTM-3-5-%d" % (100 + plain)
+    row = 900 + plain
+    b.psql("CREATE SCHEMA IF NOT EXISTS mtm; " + APPLIED_TABLE_SQL)
+    b.psql("DELETE FROM mtm.applied WHERE peer IN (1, 3)")
+    b.psql("DELETE FROM mtm.apply_progress")
+    # (the receiver makes every origin catch-up may use: receiver.ensure_origins)
+    b.psql("SELECT pg_replication_origin_create('mtm_node_3') WHERE NOT EXISTS "
+           "(SELECT 1 FROM pg_replication_origin WHERE roname = 'mtm_node_3')")
+
+    async def run():
+        conn = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+        conn3 = await psycopg.AsyncConnection.connect(b.dsn(), autocommit=True)
+        try:
+            donor = Applier(conn, peer_id=1, catchup_for=2)
+            await donor.setup()
+            if plain:
+                donor.commit_plain()
+            out = []
+            for m in _insert(gid, 0x1000, row, po.Origin(0x9000, "mtm_node_3_2")):
+                r = await donor.apply(m)
+                if r is not None:
+                    out.append(r)
+            if not plain:
+                out.append(await donor.apply(po.CommitPrepared(0, 0x1100, 0x1140, 0, 700, gid)))
+            assert [type(r).__name__ for r in out] == (["Finished"] if plain
+                                                       else ["Prepared", "Finished"])
+            own = Applier(conn3, peer_id=3)         # node 3's stream, set up afresh
+            await own.setup()
+            assert await own.applied_lsn() >= 0x9000
+            got = [r for m in _insert(gid, 0x9000, row) if (r := await own.apply(m))]
+            assert got == [Finished(gid, True, False, here=True)]
+        finally:
+            await conn.close()
+            await conn3.close()
+    asyncio.run(run())
+    assert psycopg.connect(b.dsn()).execute("SELECT count(*) FROM acc WHERE id = %s",
+                                            (row,)).fetchone() == (1,)
+    rows = psycopg.connect(b.dsn()).execute(
+        "SELECT peer, lsn::text FROM mtm.applied WHERE key = %s", (gid,)).fetchall()
+    assert rows == [(3, "0/9000")]
+    b.psql("TRUNCATE acc")
+    wait_for(lambda: _try(b, "SELECT pg_replication_origin_drop(roname) "
+                             "FROM pg_replication_origin"), what="origin released")

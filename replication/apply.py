@@ -84,7 +84,9 @@ import pglast
 from common.sql import quote_ident, quote_literal
 
 from . import pgoutput as po
-from .cluster import DDL_SETTINGS
+from .cluster import APPLY_CHECK_SQL, DDL_SETTINGS
+
+PLAIN_PREFIX = "mtm_plain"       # (sender.py: a catch-up's plain commit, its gid)
 
 DDL_PREFIX = "mtm_ddl"
 COPY_BATCH_ROWS = 5000
@@ -147,6 +149,7 @@ APPLIED_STATE_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts WHERE gid =
 # ... and, in the same snapshot, the peer's durable apply horizon.
 REPLAY_STATE_SQL = (APPLIED_STATE_SQL
                     + ", (SELECT lsn FROM mtm.apply_progress WHERE peer = %s)")
+DONE_HERE = "MM001"
 APPLIED_TABLE_SQL = ("CREATE TABLE IF NOT EXISTS mtm.applied "
                      "(key text PRIMARY KEY, peer int NOT NULL, lsn pg_lsn NOT NULL); "
                      "CREATE TABLE IF NOT EXISTS mtm.apply_progress "
@@ -175,11 +178,12 @@ class Applier:
         self._session_origin: str | None = None     # "?" after an error: unknown
         self._pending = None        # a catch-up BEGIN waiting for its ORIGIN message
         self._pending_origin: tuple[int, int] | None = None
+        self._pending_gid: str | None = None     # ... and its mtm_plain message
         self._src = peer_id         # origin node of the transaction being applied
-        self._horizons: dict[int, int] = {}        # catch-up: origin -> its apply horizon
         self._refuse_next = False
         self._plain = False          # commit the next prepared transaction plainly
         self._plain_gid: str | None = None      # ... the one being applied so
+        self._check_plain = False
         self.lock_timeout_ms = lock_timeout_ms
         self.log = log
         self.relations: dict[int, po.Relation] = {}
@@ -231,6 +235,13 @@ class Applier:
             except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable,
                     psycopg.errors.DuplicateSchema):
                 pass    # another applier made it at the same time
+        if not (await (await c.execute(
+                "SELECT to_regprocedure('mtm.apply_check(text,text,int,pg_lsn)') IS NOT NULL"))
+                .fetchone())[0]:
+            try:   # init-cluster makes it; a node set up by an older mmproxy gets it here
+                await c.execute(APPLY_CHECK_SQL)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.InternalError):
+                pass    # another applier made it at the same time ("tuple concurrently updated")
         self._applied_lsn = await self.applied_lsn()
         row = await (await c.execute("SELECT lsn FROM mtm.apply_progress WHERE peer = %s",
                                      (self.peer_id,))).fetchone()
@@ -314,6 +325,11 @@ class Applier:
             if cls is po.Origin:
                 self._pending_origin = (origin_node(msg.name), msg.origin_lsn)
                 return None
+            if cls is po.Message and msg.prefix == PLAIN_PREFIX \
+                    and self._pending.__class__ is po.Begin:
+                # a prepared transaction the donor committed plainly, its gid
+                self._pending_gid = msg.content.decode("utf-8", "replace")
+                return None
             await self._begin_catchup()
             if self._replay is not None and cls is not po.Commit and cls is not po.Prepare:
                 return None
@@ -387,6 +403,10 @@ class Applier:
             if self._batch_bytes >= BATCH_BYTES:
                 await self._send_batch()
         except psycopg.Error as e:
+            done = await self._done_here(e)
+            if done is not None:
+                self._replay = done         # the rest of it is not applied
+                return None
             await self._fail(e.sqlstate or "XX000", str(e).strip())
         except _MissingRow as e:
             await self._fail("02000", str(e))
@@ -397,51 +417,56 @@ class Applier:
         ORIGIN message, or none: the donor's own): this node's own - never
         applied back; known here - the answer for it; else apply it under
         its origin's replication origin."""
-        msg, origin = self._pending, self._pending_origin
-        self._pending = self._pending_origin = None
+        msg, origin, named = self._pending, self._pending_origin, self._pending_gid
+        self._pending = self._pending_origin = self._pending_gid = None
         prepared_txn = msg.__class__ is po.BeginPrepare
-        gid = msg.gid if prepared_txn else None
+        gid = msg.gid if prepared_txn else named
         end = msg.end_lsn if prepared_txn else msg.final_lsn
         src, key_lsn = origin if origin is not None else (self.peer_id, end)
-        plain, self._plain = self._plain and prepared_txn, False
+        # committed as one plain transaction here: one known to commit
+        # (look-ahead), or one the donor committed so (mtm_plain)
+        plain, self._plain = (self._plain and prepared_txn) or named is not None, False
         if src == self.catchup_for or (gid is not None and cp_owner(gid) == self.catchup_for):
             # our own transaction: we have it (prepared or finished), or rolled it back
             self._replay = _FinishHere(gid) if plain else Skipped(gid)
             return
         self._src = src
-        answer = await self._catchup_answer(gid, src, key_lsn)
-        if plain and answer.__class__ is Prepared:
-            answer = _FinishHere(gid)        # prepared here before: commit it
         if self.log is not None:
             self.log.debug("apply_catchup", peer=self.peer_id, origin=src, gid=gid,
-                           lsn=po.lsn_str(key_lsn), answer=type(answer).__name__)
-        if answer is not None:
-            self._replay = answer
-            return
+                           lsn=po.lsn_str(key_lsn), plain=plain)
         await self._begin(gid)
-        self._plain_gid = gid if plain else None
+        # done here already? (mtm.apply_check raises DONE_HERE: _done_here)
+        self._add(f"SELECT mtm.apply_check({_quote(gid or '')}, "
+                  f"{_quote(self._applied_key(gid, key_lsn))}, {int(src)}, "
+                  f"'{po.lsn_str(key_lsn)}')")
+        if plain:
+            # first in it: this node, as a donor later, forwards it by it
+            self._add(f"SELECT pg_logical_emit_message(true, '{PLAIN_PREFIX}', "
+                      f"{_quote(gid)})")
+        self._plain_gid = gid if plain and prepared_txn else None
+        self._check_plain = plain
         self._use_origin(worker_origin(src, self.worker))
         self._key_lsn = key_lsn
         self._commit_lsn = key_lsn
         self._commit_ts = msg.commit_ts if not prepared_txn else msg.prepare_ts
 
-    async def _catchup_answer(self, gid: str | None, src: int, lsn: int):
-        """Is the transaction of ``src`` ending at ``lsn`` (its own LSN) done
-        here already? Always looked up: the donor's stream interleaves every
-        origin, so no position of ours says what it holds."""
-        if lsn <= self._horizons.get(src, 0):
+    async def _done_here(self, e: psycopg.Error):
+        """``mtm.apply_check`` found the catch-up transaction done here
+        already (always checked: the donor's stream interleaves every
+        origin, so no position of ours says what it holds): roll back what
+        was begun and give the answer for it; None for any other error."""
+        if e.sqlstate != DONE_HERE:
+            return None
+        why = e.diag.message_primary or ""
+        gid = self._gid
+        await self._rollback()
+        self._in_txn = False
+        self._plain_gid = None
+        if why == "horizon":
             return Skipped(gid)
-        prepared, applied, horizon = await (await self.conn.execute(
-            REPLAY_STATE_SQL, (gid or "", self._applied_key(gid, lsn), src))).fetchone()
-        if horizon is not None:
-            self._horizons[src] = po.parse_lsn(horizon)
-            if lsn <= self._horizons[src]:
-                return Skipped(gid)
-        if gid is not None and prepared:
-            return Prepared(gid)
-        if applied:
-            return Finished(gid, True, False, here=gid is not None)
-        return None
+        if why == "prepared":
+            return _FinishHere(gid) if self._check_plain else Prepared(gid)
+        return Finished(gid, True, False, here=gid is not None)
 
     def _use_origin(self, name: str) -> None:
         """Have this transaction recorded under replication origin ``name``."""
@@ -550,20 +575,43 @@ class Applier:
         # Stay "in" the transaction until its Prepare message arrives.
 
     async def _commit(self, msg: po.Commit) -> Finished:
-        self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
+        """A plain commit: the peer's own (a marker), or in a donor's stream
+        another origin's transaction a catch-up there committed plainly,
+        under its gid (``mtm_plain``)."""
+        gid = self._gid
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            self._in_txn = False
+            raise ApplyError(f"applying {gid}, committed, from node {self.peer_id} failed: "
+                             f"{failed.sqlstate} {failed.message}")
+        if gid is None:
+            self._commit_lsn, self._commit_ts = msg.end_lsn, msg.commit_ts
+        else:       # the origin's position of it, as for a PREPARE (see _prepare)
+            self._commit_lsn, self._commit_ts = self._key_lsn, msg.commit_ts
         try:
             await self._flush_inserts()
-            self._add(self._record_applied(None))
+            self._add(self._record_applied(gid))
             self._add(self._origin_position())
             self._add("COMMIT")
             self._end_origin()
             await self._send_batch()
         except psycopg.Error as e:
-            await self._fail(e.sqlstate or "XX000", str(e).strip())   # raises ApplyError
+            done = await self._done_here(e)
+            if done.__class__ is _FinishHere:
+                return await self._finish_prepared(gid, True, 0, 0)
+            if done is not None:
+                return done
+            await self._rollback()
+            self._in_txn = False
+            raise ApplyError(f"applying a committed transaction of node {self.peer_id} "
+                             f"failed: {e.sqlstate} {str(e).strip()}") from None
         except _MissingRow as e:
-            await self._fail("02000", str(e))
+            await self._rollback()
+            self._in_txn = False
+            raise ApplyError(f"applying a committed transaction of node {self.peer_id} "
+                             f"failed: 02000 {e}") from None
         self._in_txn = False
-        return Finished(None, True, True)
+        return Finished(gid, True, True, here=gid is not None)
 
     async def _commit_plain(self, msg: po.Prepare) -> Finished | PrepareFailed:
         """A catch-up transaction known to commit: COMMIT instead of
@@ -584,6 +632,11 @@ class Applier:
             self._end_origin()
             await self._send_batch()
         except psycopg.Error as e:
+            done = await self._done_here(e)
+            if done.__class__ is _FinishHere:
+                return await self._finish_prepared(gid, True, 0, 0)
+            if done is not None:
+                return done
             await self._rollback()
             return PrepareFailed(gid, e.sqlstate or "XX000", str(e).strip())
         except _MissingRow as e:
@@ -617,6 +670,9 @@ class Applier:
             await self._rollback()
             return Prepared(msg.gid)
         except psycopg.Error as e:
+            done = await self._done_here(e)
+            if done is not None:
+                return done
             # A failed PREPARE rolls the transaction back (PG15-FACTS); a
             # failure before it leaves the transaction aborted.
             await self._rollback()

@@ -93,6 +93,27 @@ DDL_SETTINGS = (
     "lc_monetary", "lc_numeric", "lc_time", "password_encryption", "extra_float_digits",
     "bytea_output", "allow_system_table_mods")
 
+# Catching up, a transaction starts with this check instead of a look-up
+# round trip of its own: it raises MM001 ('horizon', 'prepared' or
+# 'applied') if the transaction is done here already, and the batch stops
+# there (Applier._begin_catchup).
+APPLY_CHECK_SQL = r"""
+CREATE OR REPLACE FUNCTION mtm.apply_check(g text, k text, src int, l pg_lsn) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $f$
+BEGIN
+  IF l <= (SELECT lsn FROM mtm.apply_progress WHERE peer = src) THEN
+    RAISE EXCEPTION 'horizon' USING ERRCODE = 'MM001';
+  END IF;
+  IF g <> '' AND EXISTS (SELECT 1 FROM pg_prepared_xacts
+                         WHERE gid = g AND database = current_database()) THEN
+    RAISE EXCEPTION 'prepared' USING ERRCODE = 'MM001';
+  END IF;
+  IF EXISTS (SELECT 1 FROM mtm.applied WHERE key = k) THEN
+    RAISE EXCEPTION 'applied' USING ERRCODE = 'MM001';
+  END IF;
+END $f$;
+REVOKE ALL ON FUNCTION mtm.apply_check(text, text, int, pg_lsn) FROM PUBLIC;
+"""
 GUARD_SQL = r"""
 CREATE SCHEMA IF NOT EXISTS mtm;
 -- Every role may use what is granted below, and nothing else in mtm.
@@ -113,6 +134,7 @@ CREATE TABLE IF NOT EXISTS mtm.applied (key text PRIMARY KEY, peer int NOT NULL,
 -- Per peer: every transaction of its stream ending at or below lsn is done
 -- here (replication/apply.py, the apply horizon).
 CREATE TABLE IF NOT EXISTS mtm.apply_progress (peer int PRIMARY KEY, lsn pg_lsn NOT NULL);
+@APPLY_CHECK@
 CREATE TABLE IF NOT EXISTS mtm.local_tables (rel regclass PRIMARY KEY);
 GRANT SELECT ON mtm.local_tables TO PUBLIC;
 -- This node's secret (one row, readable by its owner only): the proxy
@@ -804,7 +826,7 @@ async def init_node(conn: psycopg.AsyncConnection, node_id: int, all_ids: list[i
     await c.execute("SET session_replication_role = replica")
     settings = ", ".join(f"'{name}'" for name in DDL_SETTINGS)
     await c.execute(GUARD_SQL.replace("@MAX_NODES@", str(MAX_NODES))
-                    .replace("@DDL_SETTINGS@", settings))
+                    .replace("@DDL_SETTINGS@", settings).replace("@APPLY_CHECK@", APPLY_CHECK_SQL))
     # Older versions' functions that the ones above replace.
     await c.execute("DROP FUNCTION IF EXISTS mtm.add_commit_guard(regclass)")
     await c.execute("DROP FUNCTION IF EXISTS mtm.refresh_column(regclass, name, bool)")

@@ -76,6 +76,7 @@ HOLD_POLL_S = 0.02
 HOLD_MAX_TXNS = 1000
 HOLD_MAX_BYTES = 16 << 20
 HOLD_IDLE_S = 0.05
+ACK_EVERY_S = 0.005
 
 
 class _NewLink(Exception):
@@ -115,6 +116,23 @@ class _Worker:
         self.queue: asyncio.Queue = asyncio.Queue(WORKER_QUEUE_MESSAGES)
         self.current: asyncio.Future | None = None    # the answer of its transaction
         self.lock_timeout = applier.lock_timeout_ms   # as set on its connection
+
+
+def _all_done(futs: list, loop) -> asyncio.Future | None:
+    """A future done once all of ``futs`` are (None if they are already)."""
+    pending = [f for f in futs if not f.done()]
+    if not pending:
+        return None
+    out = loop.create_future()
+    left = [len(pending)]
+
+    def one(_):
+        left[0] -= 1
+        if left[0] == 0 and not out.done():
+            out.set_result(None)
+    for f in pending:
+        f.add_done_callback(one)
+    return out
 
 
 async def _free_worker(workers: list) -> _Worker:
@@ -300,6 +318,14 @@ class Receiver:
         held: dict[str, _Held] = {}         # catch-up look-ahead, in stream order
         reading: _Held | None = None        # ... the one whose messages are being read
         held_bytes = 0
+        foreign = False                     # the current transaction came with an ORIGIN
+
+        ack_due = [False]
+
+        def send_ack() -> None:
+            ack_due[0] = False
+            if node.link_epoch[peer] == epoch0:
+                node.send_to(peer, link.applied(node.acked[peer]))
 
         def acknowledge(_=None) -> None:
             last = None
@@ -309,7 +335,11 @@ class Receiver:
                 return
             node.acked[peer] = last[0]
             node.applied_ts[peer] = last[2]
-            node.send_to(peer, link.applied(last[0]))
+            # one frame for the acknowledgements of ACK_EVERY_S (a frame per
+            # transaction was a system call per transaction)
+            if not ack_due[0]:
+                ack_due[0] = True
+                loop.call_later(ACK_EVERY_S, send_ack)
 
         def track(end, fut, ts=0) -> list:
             e = [end, fut, ts]
@@ -335,6 +365,7 @@ class Receiver:
                 if h is reading:
                     target, entry, reading = w, h.entry, None
             held_bytes = 0
+        foreign = False                     # the current transaction came with an ORIGIN
 
         async def next_item():
             if not held:
@@ -425,11 +456,13 @@ class Receiver:
             if target is not None:
                 if cls is po.Message and msg.prefix == MARKER_PREFIX:
                     marker = parse_marker(msg.content)
+                elif cls is po.Origin:
+                    foreign = True          # another origin's: its markers are no cut here
                 await target.queue.put((msg, target.current, None, None))
                 if cls is po.Prepare or cls is po.Commit:
                     entry[0] = msg.end_lsn
                     entry[2] = msg.prepare_ts if cls is po.Prepare else msg.commit_ts
-                    if marker is not None:
+                    if marker is not None and not foreign:
                         # A plain commit starts once everything before it
                         # in the stream is done: when it is done, so is
                         # everything the peer wrote before its switch to
@@ -440,6 +473,7 @@ class Receiver:
                             lambda f, m=marker, c=catching_up: marker_done(f, m, c))
                         marker = None
                     target = entry = None
+                    marker, foreign = None, False
                     acknowledge()
                 continue
             if cls is po.BeginPrepare and mode == ALL:
@@ -486,12 +520,11 @@ class Receiver:
                 # known to commit: one plain commit, here in commit order
                 h = held.pop(msg.gid)
                 held_bytes -= h.size
-                pending = [f for f in h.after if not f.done()]
-                if pending:
-                    await asyncio.wait(pending)
+                # the worker waits for the commits it followed, not the
+                # dispatcher: later ones that did not can go on meanwhile
                 w = await _free_worker(workers)
                 w.current = fut = h.entry[1]
-                await w.queue.put((h.msgs[0], fut, None, "plain"))
+                await w.queue.put((h.msgs[0], fut, _all_done(h.after, loop), "plain"))
                 for m in h.msgs[1:]:
                     await w.queue.put((m, fut, None, None))
                 finishes.append(fut)

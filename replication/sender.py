@@ -13,8 +13,10 @@ chooses what it wants from it with a mode request (link.py, 'M'):
   that names the true origin, and every COMMIT/ROLLBACK PREPARED - what a
   node that is not ONLINE copies to catch up (GENERATIONS.md section 6,
   "Recovery handoff"; mmts's recovery mode). Skipped: the peer's own
-  transactions, and other nodes' plain transactions (their generation
-  markers; nothing else commits without PREPARE: the commit guard).
+  transactions, and other nodes' generation markers. (Other origins'
+  plain transactions are either those markers or prepared transactions a
+  catch-up here committed plainly, which carry their gid in an
+  ``mtm_plain`` message first: forwarded.)
   At this node's marker of the generation the peer joins (the request
   names it: any later one naming the peer will do), written while this
   node was a donor of it, the session switches to ``OWN`` (an 'S' frame
@@ -43,10 +45,12 @@ again from this node:
   commits: it voted on those of its generation, and caught up from a donor
   holding the rest). Until then this node may be the donor the peer
   catches up from, and that catch-up must start before the transaction;
-- another origin's COMMIT/ROLLBACK PREPARED, plain transactions of other
-  origins, the peer's own: never needed (the origin's own slot keeps the
-  outcome until the peer applied it, and the log decides what is in
-  doubt; plain foreign transactions are markers).
+- other origins' COMMIT/ROLLBACK PREPARED, their markers, the peer's own:
+  never needed (the origin's own slot keeps the outcome until the peer
+  applied it, and the log decides what is in doubt); another origin's
+  transaction committed plainly by a catch-up here counts as its gid's
+  generation (the ``mtm_plain`` message), or - without one - this node's
+  generation when it was read.
 
 Runs of such transactions are merged, so the queue holds about two entries
 per transaction in flight. With nothing pending and no transaction open, a
@@ -67,17 +71,25 @@ import psycopg
 from . import commit as cp
 from . import link
 from . import pgoutput as po
-from .apply import origin_node
+from .apply import PLAIN_PREFIX, origin_node
 from .cluster import PUBLICATION, slot_name
 from .stream import SlotStream, StreamError
 
 OWN, ALL, NONE = link.OWN, link.ALL, link.NONE
 MARKER_PREFIX = "mtm_marker"
+# (PLAIN_PREFIX: a catch-up applies a prepared transaction it knows
+# committed as one plain commit - receiver.py, look-ahead - with this
+# message first, naming the gid: so this node, as a donor later, forwards it
+# and says which one it is.)
 # pgoutput messages inside a transaction, told apart by their first byte
 _ROW_KINDS = frozenset(b"IUDTM")
 _TRUNCATE, _MESSAGE = ord("T"), ord("M")
 _RELID = struct.Struct("!I")
 DRAIN_ABOVE_BYTES = 1 << 20
+# Frames are gathered and written together when the walsender has nothing
+# more buffered, or past this size: a write per message was a system call
+# per message (a catch-up's donor spent most of its time there).
+FLUSH_ABOVE_BYTES = 256 << 10
 SLOT_CHECK_EVERY_S = 2.0
 # the walsender's error when max_slot_wal_keep_size removed what a slot needs
 _LOST_SLOT_TEXTS = ("can no longer get changes from replication slot",
@@ -243,8 +255,11 @@ class Sender:
                 await self._check_slot(writer)
             if writer is None or writer.is_closing() or self.requested not in (OWN, ALL) \
                     or not node.ready.is_set() or self.lost is not None:
-                waits = [asyncio.ensure_future(self.poke.wait()),
-                         asyncio.ensure_future(node.ready.wait())]
+                # (not node.ready.wait() while it is set: that returns at
+                # once, and this loop spun on a core)
+                waits = [asyncio.ensure_future(self.poke.wait())]
+                if not node.ready.is_set():
+                    waits.append(asyncio.ensure_future(node.ready.wait()))
                 try:
                     await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -340,26 +355,61 @@ class Sender:
         cov = self.coverage
         t: _Txn | None = None
 
-        def write(data: bytes) -> None:
+        out: list[bytes] = []
+        size = [0]
+
+        def flush() -> None:
             # Checked before every write: the link may have closed during
             # any await (uvloop refuses writes to a closed transport).
+            if not out:
+                return
             if node.out.get(peer) is not link_writer:
                 raise StreamError("link to peer is down or changed")
+            data = b"".join(out)
+            out.clear()
+            size[0] = 0
             _write(link_writer, data)
+
+        def write(data: bytes) -> None:
+            out.append(data)
+            size[0] += len(data)
+            if size[0] >= FLUSH_ABOVE_BYTES:
+                flush()
+
+        def idle() -> None:
+            try:
+                flush()
+            except StreamError:
+                pass            # the next write finds the link gone
+
+        stream.on_idle = idle
 
         async for lsn, payload in stream.raw_messages():
             kind = payload[0]
             if kind in _ROW_KINDS:
-                if t is None or t.skip:
+                if t is None:
+                    continue
+                if t.skip:
+                    if t.need is None and kind == _MESSAGE:
+                        # another origin's plain transaction skipped in OWN
+                        # mode: its generation, if a catch-up named its gid
+                        m = po.decode(payload)
+                        parsed = cp.parse_gid(m.content.decode(errors="replace")) \
+                            if m.prefix == PLAIN_PREFIX else None
+                        t.need = parsed[1] if parsed is not None else (
+                            0 if m.prefix == MARKER_PREFIX else node.generation.num)
                     continue
                 if kind != _TRUNCATE and kind != _MESSAGE:
                     if _RELID.unpack_from(payload, 1)[0] in mtm_rels:
                         continue
                 elif kind == _TRUNCATE and mtm_rels.intersection(po.decode(payload).relids):
                     continue
-                elif kind == _MESSAGE and t.own:
+                elif kind == _MESSAGE and (t.own or not t.data):
                     m = po.decode(payload)
                     if m.prefix == MARKER_PREFIX:
+                        if not t.own:       # another origin's marker: nothing to forward
+                            t.skip, t.held = True, []
+                            continue
                         t.marker = parse_marker(m.content)
                 for f in t.held:
                     write(f)
@@ -367,6 +417,7 @@ class Sender:
                 t.data = True
                 write(link.replication(lsn, payload))
                 if link_writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:
+                    flush()
                     await link_writer.drain()
                 continue
             msg = po.decode(payload)
@@ -386,15 +437,18 @@ class Sender:
                 t.own = False
                 t.origin = origin_node(msg.name)
                 owner = cp.parse_gid(t.gid)[0] if t.prepared and cp.parse_gid(t.gid) else None
-                if self.mode == ALL and t.prepared and t.origin != peer and owner != peer:
+                if self.mode == ALL and t.origin != peer and owner != peer:
                     t.skip = False                  # every origin goes to a catching-up peer
                     t.held.append(link.replication(lsn, payload))
                 else:
                     t.skip = True
                     t.held = []
-                    if self.mode == OWN and t.prepared and t.origin != peer and owner != peer:
-                        parsed = cp.parse_gid(t.gid)
-                        t.need = parsed[1] if parsed is not None else 0
+                    if self.mode == OWN and t.origin != peer and owner != peer:
+                        if t.prepared:
+                            parsed = cp.parse_gid(t.gid)
+                            t.need = parsed[1] if parsed is not None else 0
+                        else:
+                            t.need = None           # decided by its first message, below
                 continue
             if cls is po.Relation or cls is po.Type:
                 # Schema messages are sent once per walsender session, even
@@ -414,7 +468,9 @@ class Sender:
                 end = msg.end_lsn
                 self._open = False
                 if t.skip or (cls is po.Commit and not t.data):
-                    cov.add(end, t.need)
+                    # (another origin's plain one without an mtm_plain
+                    # message: this node's generation, conservatively)
+                    cov.add(end, node.generation.num if t.need is None else t.need)
                     t = None
                     self._confirm()
                     continue
@@ -435,7 +491,9 @@ class Sender:
                     write(link.stream_mode(OWN))
                     self.log.info("stream_mode_switched", peer=peer, mode="own",
                                   gen=marker["gen"], lsn=po.lsn_str(end))
-                await link_writer.drain()
+                if link_writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:
+                    flush()
+                    await link_writer.drain()
                 continue
             if cls is po.CommitPrepared or cls is po.RollbackPrepared:
                 parsed = cp.parse_gid(msg.gid)
@@ -452,7 +510,9 @@ class Sender:
                     continue
                 write(link.replication(lsn, payload))
                 cov.add(end, None)
-                await link_writer.drain()
+                if link_writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:
+                    flush()
+                    await link_writer.drain()
                 continue
             raise StreamError(f"unexpected {cls.__name__} in the slot stream")
 

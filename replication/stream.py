@@ -62,6 +62,10 @@ class SlotStream:
         # called with the position of every keepalive: the walsender has
         # sent (or skipped) everything before it
         self.on_keepalive = None
+        # called before the stream waits for the walsender (everything
+        # received so far has been yielded): a consumer that batches its
+        # output flushes it here
+        self.on_idle = None
 
     async def start(self) -> None:
         self._conn = await psycopg.AsyncConnection.connect(
@@ -135,6 +139,8 @@ class SlotStream:
         while True:
             n, data = pg.get_copy_data(1)
             if n == 0:
+                if self.on_idle is not None:
+                    self.on_idle()
                 if time.monotonic() - self._last_status >= self.status_interval_s:
                     await self.send_status()
                 await self._wait_readable()

@@ -456,6 +456,15 @@ def test_a_catch_up_copy_is_recognised_by_the_origins_own_stream(pair, plain):
             assert await own.applied_lsn() >= 0x9000
             got = [r for m in _insert(gid, 0x9000, row) if (r := await own.apply(m))]
             assert got == [Finished(gid, True, False, here=True)]
+            # and a donor's stream resent (a restarted catch-up) finds it too,
+            # in the same round trip as its rows (mtm.apply_check)
+            again = Applier(conn, peer_id=1, catchup_for=2)
+            await again.setup()
+            if plain:
+                again.commit_plain()
+            got = [r for m in _insert(gid, 0x1000, row, po.Origin(0x9000, "mtm_node_3_2"))
+                   if (r := await again.apply(m))]
+            assert got == [Finished(gid, True, False, here=True)]
         finally:
             await conn.close()
             await conn3.close()
